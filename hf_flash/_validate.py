@@ -107,7 +107,7 @@ def check_alibi(alibi_slopes, batch: int, nheads: int, q: torch.Tensor):
 
 
 def check_attn_bias(attn_bias, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, q: torch.Tensor):
-    """Returns the bias as a 4-D view (batch|1, nheads|1, seqlen_q|1, seqlen_k) with stride 0 on broadcast dims."""
+    """Returns the bias as a 4-D view (batch|1, nheads|1, seqlen_q|1, seqlen_k), never expanded in memory."""
     if attn_bias is None:
         return None
     if not isinstance(attn_bias, torch.Tensor):
@@ -123,11 +123,12 @@ def check_attn_bias(attn_bias, batch: int, nheads: int, seqlen_q: int, seqlen_k:
     if attn_bias.dim() > 4:
         raise ValueError(f"attn_bias must have at most 4 dimensions, got shape {shape}")
     full = (1,) * (4 - attn_bias.dim()) + shape
-    for got, want, what in zip(full, target, ("batch", "nheads", "seqlen_q", "seqlen_k")):
-        if got not in (1, want):
+    for i, (got, want, what) in enumerate(zip(full, target, ("batch", "nheads", "seqlen_q", "seqlen_k"))):
+        if got != want and (got != 1 or i == 3):
+            accepted = f"{want}" if i == 3 else f"{want} or 1"
             raise ValueError(f"attn_bias of shape {shape} does not broadcast to (batch, nheads, seqlen_q, "
-                             f"seqlen_k) = {target}: its {what} dimension is {got}, accepted {want} or 1")
+                             f"seqlen_k) = {target}: its {what} dimension is {got}, accepted {accepted}")
     bias = attn_bias.reshape(full) if attn_bias.dim() < 4 else attn_bias
-    if full[3] != 1 and bias.stride(3) != 1:
+    if bias.stride(3) != 1 and full[3] != 1:
         raise ValueError("attn_bias must be contiguous in its last dimension")
-    return bias.expand(target)
+    return bias

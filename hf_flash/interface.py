@@ -81,7 +81,7 @@ def _debug_probs(q, k, v, out_args, rng, dropout_p, query_padding_mask=None, key
     _, attn = attention_ref(q, k, v, query_padding_mask, key_padding_mask, attn_bias=bias, causal=causal,
                             window_size=window, softcap=softcap, alibi_slopes=alibi, softmax_scale=scale)
     if dropout_p > 0.0:
-        keep = ops.dropout_keep_mask(rng, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        keep = ops.dropout_keep_mask(rng, dropout_p, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
         attn = torch.where(keep, attn, -attn)
     return attn.to(q.dtype)
 

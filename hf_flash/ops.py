@@ -86,6 +86,6 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
                     dropout_p, softmax_scale, window_left, window_right, softcap, bool(deterministic))
 
 
-def dropout_keep_mask(rng, batch, nheads, seqlen_q, seqlen_k):
+def dropout_keep_mask(rng, dropout_p, batch, nheads, seqlen_q, seqlen_k):
     """The (batch, nheads, seqlen_q, seqlen_k) boolean keep-mask the kernels draw for ``rng`` (debug/tests)."""
-    return _kern.dropout_keep_mask(rng, batch, nheads, seqlen_q, seqlen_k)
+    return _kern.dropout_keep_mask(rng, dropout_p, batch, nheads, seqlen_q, seqlen_k)

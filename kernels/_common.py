@@ -1,0 +1,107 @@
+"""Jit helpers shared by the forward and backward kernels: the score modifiers (softcap, ALiBi, bias, window
+mask), the in-kernel dropout RNG, and the block ranges a query or key block must visit.
+
+Scores are kept in the exp2 domain: ``s2 = s * log2(e)``, so softmaxes use ``exp2``. Every helper works on
+broadcastable row/column index tiles, so the backward's transposed (key-major) tiles reuse them unchanged.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# A window side of -1 (unbounded) is passed to the kernels as this many positions.
+UNBOUNDED = 1 << 28
+
+
+@triton.jit
+def tanh_f32(x):
+    # tanh through exp2 so it needs nothing beyond the core language; exact to float32 rounding.
+    e = tl.exp2(x * (2.0 * 1.4426950408889634))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def dropout_keep(seed, offset, bh, rows, cols, dropout_p):
+    """Keep-mask (True = keep) for attention entries (rows, cols) of head-batch index ``bh``.
+
+    Philox is keyed on the seed and counts (col, row, bh, offset): every entry has its own counter, so the
+    forward, the backward and the debug mask kernel draw the same bits whatever their tiling.
+    """
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    c0 = (cols + rows * 0).to(tl.uint32)
+    c1 = (rows + cols * 0).to(tl.uint32)
+    c2 = zero + bh.to(tl.uint32)
+    c3 = zero + offset.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def score_mod(qk, rows, cols, shift, seqlen_k, scale_log2, softcap, slope, bias, window_left, window_right,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
+              MASKED: tl.constexpr, WINDOWED: tl.constexpr):
+    """From raw dot products ``qk`` to exp2-domain scores; -inf where masked.
+
+    Returns (s2, t) where ``t`` is tanh of the softcapped argument (needed by the backward; 0 without softcap).
+    ``rows``/``cols`` are the query/key positions, broadcastable to qk's shape; ``shift = seqlen_k - seqlen_q``
+    aligns query row i with key position i + shift (bottom-right alignment).
+    """
+    if HAS_SOFTCAP:
+        # scale_log2 holds the plain softmax scale here
+        t = tanh_f32(qk * (scale_log2 / softcap))
+        s2 = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk * 0.0
+        s2 = qk * scale_log2
+    if HAS_ALIBI:
+        dist = rows + shift - cols
+        dist = tl.where(dist < 0, -dist, dist)
+        s2 = s2 - (slope * 1.4426950408889634) * dist.to(tl.float32)
+    if BIAS_TYPE == 1:
+        s2 = s2 + bias.to(tl.float32) * 1.4426950408889634
+    if BIAS_TYPE == 2:
+        s2 = tl.where(bias, s2, float("-inf"))
+    if MASKED:
+        keep = cols < seqlen_k
+        if WINDOWED:
+            diag = rows + shift
+            keep = keep & (cols <= diag + window_right) & (cols >= diag - window_left)
+        s2 = tl.where(keep, s2, float("-inf"))
+    return s2, t
+
+
+@triton.jit
+def key_range(m_start, m_end, shift, seqlen_k, window_left, window_right, BLOCK_N: tl.constexpr):
+    """Key blocks a query block [m_start, m_end) visits: (lo, full_lo, full_hi, hi).
+
+    [lo, hi) holds every key the window lets any row see (blocks outside are skipped, not masked);
+    [full_lo, full_hi) are whole blocks every row sees in full, run without masks.
+    """
+    lo = tl.maximum(m_start + shift - window_left, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(m_end - 1 + shift + window_right + 1, seqlen_k)
+    full_lo = tl.maximum(m_end - 1 + shift - window_left, 0)
+    full_lo = tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+    full_hi = tl.maximum(m_start + shift + window_right + 1, 0)
+    full_hi = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, (seqlen_k // BLOCK_N) * BLOCK_N)
+    full_hi = tl.maximum(full_hi, full_lo)
+    full_lo = tl.minimum(full_lo, tl.maximum(hi, lo))
+    full_hi = tl.minimum(full_hi, tl.maximum(hi, lo))
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def query_range(n_start, n_end, shift, seqlen_q, window_left, window_right, BLOCK_M: tl.constexpr):
+    """Query blocks a key block [n_start, n_end) is seen by: (lo, full_lo, full_hi, hi), as in key_range."""
+    lo = tl.maximum(n_start - shift - window_right, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(n_end - 1 - shift + window_left + 1, seqlen_q)
+    full_lo = tl.maximum(n_end - 1 - shift - window_right, 0)
+    full_lo = tl.maximum(((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+    full_hi = tl.maximum(n_start - shift + window_left + 1, 0)
+    full_hi = tl.minimum((full_hi // BLOCK_M) * BLOCK_M, (seqlen_q // BLOCK_M) * BLOCK_M)
+    full_hi = tl.maximum(full_hi, full_lo)
+    full_lo = tl.minimum(full_lo, tl.maximum(hi, lo))
+    full_hi = tl.minimum(full_hi, tl.maximum(hi, lo))
+    return lo, full_lo, full_hi, hi

@@ -1,0 +1,71 @@
+"""Block shapes, warps and pipeline depth for the attention kernels, chosen in one place.
+
+Keys are bucketed (head dim rounded to a power of two, device kind), never the raw sequence length, so a
+generate() loop whose length grows by one token never re-tunes or recompiles. Under Triton's interpreter small
+blocks keep CPU tests fast while still crossing several block boundaries.
+
+GPU values were picked by ``benchmarks/tune_attention.py`` on an H100 (see benchmarks/results/); an override
+``HF_FLASH_FWD_CONFIG`` / ``HF_FLASH_BWD_CONFIG`` = "BLOCK_M,BLOCK_N,num_warps,num_stages" exists for tuning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dims are padded to a power of two (at least 16, the tensor-core minimum) inside the kernels."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _override(var: str):
+    v = os.environ.get(var)
+    if not v:
+        return None
+    bm, bn, w, s = (int(x) for x in v.split(","))
+    return Config(bm, bn, w, s)
+
+
+def _interpreted(device) -> bool:
+    return device.type == "cpu"
+
+
+def fwd_config(head_dim: int, dtype, device, max_seqlen_q: int, max_seqlen_k: int) -> Config:
+    o = _override("HF_FLASH_FWD_CONFIG")
+    if o:
+        return o
+    if _interpreted(device):
+        return Config(32, 32, 4, 1)
+    d = padded_head_dim(head_dim)
+    wide = dtype.itemsize == 4
+    if d <= 64:
+        return Config(128, 64 if not wide else 32, 4, 3)
+    if d <= 128:
+        return Config(128, 64 if not wide else 32, 8, 3)
+    return Config(64, 64 if not wide else 32, 8, 2)
+
+
+def bwd_config(head_dim: int, dtype, device, max_seqlen_q: int, max_seqlen_k: int) -> Config:
+    o = _override("HF_FLASH_BWD_CONFIG")
+    if o:
+        return o
+    if _interpreted(device):
+        return Config(32, 32, 4, 1)
+    d = padded_head_dim(head_dim)
+    wide = dtype.itemsize == 4
+    if d <= 64:
+        return Config(64, 128 if not wide else 64, 8, 2)
+    if d <= 128:
+        return Config(64, 128 if not wide else 32, 8, 2)
+    return Config(32, 64 if not wide else 32, 8, 1)
