@@ -16,6 +16,14 @@ from hf_flash.interface import (
 from hf_flash.kvcache import flash_attn_with_kvcache
 from hf_flash.padding import pad_input, unpad_input
 from hf_flash.reference import attention_ref
+from hf_flash.patches import UnsupportedTransformersError, patch_gpt2, patch_llama, register
+
+try:
+    register()
+except UnsupportedTransformersError as _e:  # the kernels stay usable; "flashtri" is not registered
+    import warnings as _warnings
+
+    _warnings.warn(str(_e), stacklevel=2)
 
 __version__ = "0.1.0"
 
@@ -30,4 +38,7 @@ __all__ = [
     "pad_input",
     "unpad_input",
     "attention_ref",
+    "register",
+    "patch_gpt2",
+    "patch_llama",
 ]

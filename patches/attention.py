@@ -1,0 +1,245 @@
+"""The attention function registered as ``attn_implementation="flashtri"``.
+
+``flashtri_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+is_causal=None, **kwargs) -> (out, None)`` has the signature of transformers' attention functions: query, key
+and value arrive as (batch, heads, seqlen, headdim) views (K/V with fewer heads under GQA, never repeated) and the
+output is returned as (batch, seqlen, heads, headdim), as transformers expects. It picks one path per call:
+
+* a 4-D mask (a custom mask, or one made by another mask function): ``flash_attn_func(..., attn_bias=mask)``;
+  a bool mask means True = attend, a float mask is added to the scores (its large negative values mask);
+* a decode step of a model family that allows it (see ``LayerPlan``): ``flash_attn_with_kvcache`` on the KV
+  cache as it is, with the 2-D padding mask turned into ``cache_leftpad`` / ``cache_seqlens`` on the device;
+* a 2-D padding mask (padded batch): the real tokens are gathered and ``flash_attn_varlen_func`` runs with
+  causal alignment per sequence (the query of a step with a cache is assumed left-padded, as in transformers'
+  FlashAttention path);
+* packed sequences, from ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs (``DataCollatorWithFlattening(
+  return_flash_attn_kwargs=True)``) or from ``position_ids`` that restart (batch 1): ``flash_attn_varlen_func``;
+* otherwise ``flash_attn_func`` with ``causal=is_causal``.
+
+Dtypes: float32 stays float32 (the kernels run it), except under autocast where float32 inputs run in the
+autocast dtype as SDPA does; K/V are cast to the query's dtype only when they differ. Dropout (training only, as
+the model passes it) runs inside the kernel. ``sliding_window`` (transformers' convention: a window of
+``sliding_window`` keys including the current one), ``softcap`` and the module's ``is_causal`` are honoured;
+``s_aux`` (attention sinks) is rejected. ``output_attentions=True`` logs a warning once and returns ``None``
+weights, as transformers' FlashAttention does; use ``attn_implementation="eager"`` to get the weights.
+
+Not supported: masks whose valid positions are not contiguous in a decode step (left padding, as ``generate()``
+makes, is supported), transformers' paged/continuous-batching attention under the "flashtri" name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+from hf_flash import interface as _iface
+from hf_flash import kvcache as _kvcache
+from hf_flash import padding as _padding
+
+__all__ = ["flashtri_attention_forward", "LayerPlan", "plan_for", "DECODE_MAX_QUERY"]
+
+# Longest query (new tokens per sequence) sent to the split-KV decode kernel; flash_attn_with_kvcache supports
+# up to 16 (speculative decoding, chunked steps). Longer queries are prefill work for the FA2 kernel.
+DECODE_MAX_QUERY = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What the attention function may do for one attention module.
+
+    family: "gpt2", "llama" (Llama, Mistral, Qwen2) or "generic".
+    decode_with_cache: decode steps call ``flash_attn_with_kvcache`` on the cache as it is. Only for families
+        whose K/V, as handed to the attention function, are the cache in token order (self-attention with
+        DynamicCache or StaticCache); others use the generic paths.
+    """
+
+    family: str = "generic"
+    decode_with_cache: bool = False
+
+
+GENERIC = LayerPlan()
+
+_logged: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg in _logged:
+        return
+    _logged.add(msg)
+    from transformers.utils import logging
+
+    logging.get_logger("hf_flash").warning(msg)
+
+
+def plan_for(module: torch.nn.Module) -> LayerPlan:
+    """The plan of ``module``: set by a model patch, or resolved from its class on first use and cached."""
+    plan = getattr(module, "_hf_flash_plan", None)
+    if plan is not None:
+        return plan
+    from hf_flash.patches import gpt2, llama
+
+    plan = gpt2.plan_for_module(module) or llama.plan_for_module(module) or GENERIC
+    try:
+        module._hf_flash_plan = plan
+    except Exception:  # noqa: BLE001 - a module that refuses attributes just resolves again next call
+        pass
+    return plan
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    dev = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return q.dtype
+
+
+def _window(sliding_window) -> tuple[int, int]:
+    if sliding_window is None or sliding_window <= 0:
+        return (-1, -1)
+    # transformers counts the current token in the window; flash-attn's bounds are inclusive
+    return (int(sliding_window) - 1, int(sliding_window) - 1)
+
+
+_packed_cache: list = [None, None]  # [weakref to position_ids, result]; the same tensor reaches every layer
+
+
+def _packed_from_position_ids(position_ids, batch: int, seqlen: int):
+    """(cu_seqlens int32, max_seqlen int) when ``position_ids`` of a batch-1 input restart, else None.
+
+    Reads the boundaries on the host once per forward (cached on the tensor), not once per layer.
+    """
+    if position_ids is None or batch != 1 or seqlen == 1 or position_ids.shape[-1] != seqlen:
+        return None
+    ref, result = _packed_cache
+    if ref is not None and ref() is position_ids and result[0] == position_ids._version:
+        return result[1]
+    pos = position_ids.reshape(-1)
+    starts = (pos[1:] <= pos[:-1]).nonzero().view(-1) + 1  # a sequence starts where the position does not grow
+    if starts.numel() == 0:
+        packed = None
+    else:
+        cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), seqlen)]).to(torch.int32)
+        packed = (cu, int((cu[1:] - cu[:-1]).max()))
+    if not torch.compiler.is_compiling():
+        _packed_cache[0], _packed_cache[1] = weakref.ref(position_ids), (position_ids._version, packed)
+    return packed
+
+
+def _decode_lengths(mask: torch.Tensor | None):
+    """(cache_seqlens, cache_leftpad) for a cache whose valid tokens are [leftpad, seqlen) per sequence.
+
+    ``mask`` (batch, L) marks the valid positions of the first L cache slots; computed on the device, no sync.
+    """
+    if mask is None:
+        return None, None
+    m = mask.to(torch.bool)
+    count = m.sum(-1, dtype=torch.int32)
+    first = m.to(torch.int8).argmax(-1).to(torch.int32)  # index of the first valid slot (0 for an empty row)
+    return first + count, first
+
+
+def _use_decode(plan, q, k, mask, dropout, sliding_window) -> bool:
+    if not plan.decode_with_cache or dropout > 0.0:
+        return False
+    q_len, k_len = q.shape[1], k.shape[1]
+    if q_len > DECODE_MAX_QUERY or k_len <= q_len:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return False
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[-1] > k_len:
+            return False
+        # a sliding-window cache hands over its own window: the mask must line up with it slot for slot
+        if sliding_window is not None and mask.shape[-1] != k_len:
+            return False
+    return True
+
+
+def _padded_varlen(q, k, v, mask, causal, **kw):
+    """Padded batch (2-D mask): gather the real tokens, run varlen, scatter back (transformers' convention)."""
+    batch, q_len = q.shape[0], q.shape[1]
+    length = mask.shape[-1]
+    if k.shape[1] > length:  # a static cache longer than the tokens seen so far
+        k, v = k[:, :length], v[:, :length]
+    mask = mask.to(torch.bool)
+    k_unpad, indices_k, cu_k, max_k, _ = _padding.unpad_input(k, mask)
+    v_unpad = _padding.index_first_axis(v, indices_k)
+    if q_len == length:
+        q_unpad, indices_q, cu_q, max_q = _padding.index_first_axis(q, indices_k), indices_k, cu_k, max_k
+    elif q_len == 1:
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+        indices_q, max_q, q_unpad = cu_q[:-1], 1, q.reshape(batch, *q.shape[2:])
+    else:  # the new tokens are the last q_len positions of the mask (left padding)
+        q_unpad, indices_q, cu_q, max_q, _ = _padding.unpad_input(q, mask[:, -q_len:])
+    out = _iface.flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k, causal=causal, **kw)
+    return _padding.pad_input(out, indices_q, batch, q_len)
+
+
+def _varlen_flat(q, k, v, cu_q, cu_k, max_q, max_k, causal, **kw):
+    batch = q.shape[0]
+    out = _iface.flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
+                                        v.reshape(-1, *v.shape[2:]), cu_q, cu_k, int(max_q), int(max_k),
+                                        causal=causal, **kw)
+    return out.view(batch, -1, *out.shape[1:])
+
+
+def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal: bool | None = None,
+                               sliding_window: int | None = None, softcap: float | None = None,
+                               s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function for "flashtri"; see the module docstring."""
+    if kwargs.get("output_attentions", False) or getattr(getattr(module, "config", None), "output_attentions",
+                                                            False):
+        _warn_once('attn_implementation="flashtri" does not return attention weights (output_attentions=True): '
+                   'they are returned as None. Load the model with attn_implementation="eager" to get them.')
+    if s_aux is not None:
+        raise ValueError('attn_implementation="flashtri" does not support attention sinks (s_aux); use '
+                         'attn_implementation="eager" or "sdpa" for this model.')
+    plan = plan_for(module)
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", True))
+    if sliding_window is None:
+        sliding_window = getattr(module, "sliding_window", None)
+    dtype = _compute_dtype(query)
+    # flash layout (batch, seqlen, heads, headdim): views, no copies
+    q, k, v = (x.transpose(1, 2).to(dtype) for x in (query, key, value))
+    v_dim = v.shape[-1]
+    if v_dim != q.shape[-1]:  # e.g. MLA: pad V up to the query head dim, crop the output
+        v = torch.nn.functional.pad(v, [0, q.shape[-1] - v_dim])
+    kw = dict(softmax_scale=scaling, window_size=_window(sliding_window),
+              softcap=float(softcap) if softcap else 0.0,
+              deterministic=bool(kwargs.get("deterministic") or torch.are_deterministic_algorithms_enabled()))
+    dropout = float(dropout or 0.0)
+
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        if mask.shape[-1] != k.shape[1]:
+            mask = mask[..., : k.shape[1]]
+        out = _iface.flash_attn_func(q, k, v, dropout, causal=False, attn_bias=mask, **kw)
+    elif _use_decode(plan, q, k, mask, dropout, sliding_window):
+        cache_seqlens, cache_leftpad = _decode_lengths(mask)
+        out = _kvcache.flash_attn_with_kvcache(q, k, v, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                                               softmax_scale=scaling, causal=is_causal,
+                                               window_size=kw["window_size"], softcap=kw["softcap"])
+    elif mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(f'attn_implementation="flashtri" takes a 2-D padding mask or a 4-D mask, got '
+                             f"attention_mask of shape {tuple(mask.shape)}")
+        out = _padded_varlen(q, k, v, mask, is_causal, dropout_p=dropout, **kw)
+    elif all(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")):
+        cu_q, cu_k = (kwargs[n].to(torch.int32) for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
+        out = _varlen_flat(q, k, v, cu_q, cu_k, kwargs["max_length_q"], kwargs["max_length_k"], is_causal,
+                           dropout_p=dropout, **kw)
+    else:
+        packed = _packed_from_position_ids(kwargs.get("position_ids"), q.shape[0], q.shape[1])
+        if packed is not None and k.shape[1] == q.shape[1]:
+            cu, max_len = packed
+            out = _varlen_flat(q, k, v, cu, cu, max_len, max_len, is_causal, dropout_p=dropout, **kw)
+        else:
+            out = _iface.flash_attn_func(q, k, v, dropout, causal=is_causal, **kw)
+    if v_dim != out.shape[-1]:
+        out = out[..., :v_dim]
+    return out, None
