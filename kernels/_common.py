@@ -15,6 +15,17 @@ UNBOUNDED = 1 << 28
 
 
 @triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """tl.dot with the precision chosen by the launcher. "interp-bf16" works around Triton's interpreter, whose
+    bfloat16 dot returns garbage (seen on triton 3.9, CPU): operands are widened to float32, which multiplies
+    the same bf16 values exactly. Never used on a GPU."""
+    if DOT_PREC == "interp-bf16":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def tanh_f32(x):
     # tanh through exp2 so it needs nothing beyond the core language; exact to float32 rounding.
     e = tl.exp2(x * (2.0 * 1.4426950408889634))

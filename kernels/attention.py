@@ -32,6 +32,7 @@ from hf_flash.kernels._common import (
     LOG2E,
     UNBOUNDED,
     dropout_keep,
+    mma,
     key_range,
     query_range,
     score_mod,
@@ -76,7 +77,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base
             live = True
         if live:
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            qk = mma(q, tl.trans(k), None, DOT_PREC)
             s2, _ = score_mod(qk, offs_m[:, None], offs_n[None, :], shift, seqlen_k, scale_log2, softcap, slope,
                               bias, window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, MASKED, WINDOWED)
             m_new = tl.maximum(m_i, tl.max(s2, 1))
@@ -90,7 +91,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base
                 keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
                 p = tl.where(keep, p, 0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            acc = mma(p.to(v.dtype), v, acc, DOT_PREC)
             m_i = m_new
     return acc, m_i, l_i
 
@@ -248,11 +249,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             # rows past the end get lse = +inf, hence p = 0, and contribute nothing
             lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            qk_t = mma(k, tl.trans(q), None, DOT_PREC)
             s2, t = score_mod(qk_t, offs_m[None, :], offs_n[:, None], shift, seqlen_k, scale_log2, softcap, slope,
                               bias, window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, MASKED, WINDOWED)
             p_t = tl.exp2(s2 - lse2[None, :])
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dp_t = mma(v, tl.trans(do), None, DOT_PREC)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], dropout_p)
                 inv_keep = 1.0 / (1.0 - dropout_p)
@@ -260,11 +261,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                 dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
             else:
                 pd_t = p_t
-            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dv = mma(pd_t.to(do.dtype), do, dv, DOT_PREC)
             ds_t = p_t * (dp_t - delta[None, :])
             if HAS_SOFTCAP:
                 ds_t = ds_t * (1.0 - t * t)
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+            dk = mma(ds_t.to(q.dtype), q, dk, DOT_PREC)
     return dk, dv
 
 
@@ -382,11 +383,11 @@ def _bwd_dq_inner(dq, dbias_acc, q, do, lse2, delta, k_base, v_base, stride_kn, 
         if live:
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            qk = mma(q, tl.trans(k), None, DOT_PREC)
             s2, t = score_mod(qk, offs_m[:, None], offs_n[None, :], shift, seqlen_k, scale_log2, softcap, slope,
                               bias, window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, MASKED, WINDOWED)
             p = tl.exp2(s2 - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            dp = mma(do, tl.trans(v), None, DOT_PREC)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -401,7 +402,7 @@ def _bwd_dq_inner(dq, dbias_acc, q, do, lse2, delta, k_base, v_base, stride_kn, 
                 dbias_acc += tl.where(b_mask, ds, 0.0)
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+            dq = mma(ds.to(k.dtype), k, dq, DOT_PREC)
     return dq, dbias_acc
 
 
@@ -614,7 +615,9 @@ def _or(t, placeholder):
     return placeholder if t is None else t
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return "interp-bf16"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
@@ -679,7 +682,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=configs.padded_head_dim(head_dim),
         IS_VARLEN=varlen, WINDOWED=windowed, REVERSE_M=windowed and right == 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_TYPE=bias_type,
-        HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype),
+        HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype, q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launches["fwd"] += 1
@@ -736,7 +739,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         *lse_strides, nheads, max_seqlen_q, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_D=block_d, IS_VARLEN=varlen)
     common = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, IS_VARLEN=varlen,
                   WINDOWED=windowed, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_TYPE=bias_type,
-                  HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps,
+                  HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype, q.device), num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     scale_arg = _scale_arg(softmax_scale, softcap)
     ql, kl, vl, dol = (_Layout(t, varlen).strides() for t in (q, k, v, dout))
