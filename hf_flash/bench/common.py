@@ -265,7 +265,7 @@ def plot_panels(path: str, panels: list[dict], suptitle: str = "", ncols: int = 
             for k, label in enumerate(labels):
                 ys = [y if y is not None else 0.0 for y in panel["series"][label]]
                 ax.bar([i + k * width for i in range(len(x))], ys, width=width, label=label)
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(x))])
+            ax.set_xticks([i + (len(labels) - 1) * width / 2 for i in range(len(x))])
             ax.set_xticklabels([str(v) for v in x], rotation=20, fontsize=7)
             if panel.get("hline") is not None:
                 ax.axhline(panel["hline"], color="grey", lw=0.8, ls="--")
