@@ -1,0 +1,689 @@
+"""Flash-Decoding: split-KV attention for a few query tokens against a long KV cache, in Triton.
+
+What it supports
+  * dense caches (batch_cache, capacity, nheads_k, headdim) with optional ``batch_idx`` (rows of the cache)
+    and ``leftpad`` (first valid cache slot per sequence), and paged caches (num_blocks, page_size, nheads_k,
+    headdim) read through a ``block_table`` (batch, max_blocks) of int32 page indices, any page size;
+  * per-sequence key lengths on the device (``seqlens_k`` = one past the last valid cache slot), never read on
+    the host: the grid is sized from the cache's capacity and programs whose chunk lies past the real length
+    exit after writing an empty partial (log-sum-exp -inf);
+  * dense queries (batch, seqlen_q, nheads, headdim) or packed varlen queries (total_q, nheads, headdim) with
+    ``cu_seqlens_q`` (the chunked prefill of ``flash_attn_varlen_func(..., block_table=...)``);
+  * causal / sliding window aligned to the bottom-right corner (query row i sits at key position
+    i + L - seqlen_q, L the sequence's key length after left padding), softcap, ALiBi, GQA/MQA;
+  * FlashDecoding++'s unified maximum (``unified_max=phi``): partial softmaxes use the fixed maximum phi and
+    keep no running max; a row whose partial sum leaves [2^-64, 2^64] (a score far above phi, or every score far
+    below it) is recomputed by the same program with the exact online softmax, so results stay exact;
+  * an append kernel that writes new K/V tokens into the cache in place, with optional rotary embedding
+    (interleaved GPT-J pairs or GPT-NeoX halves) applied to them and to the query.
+
+What it does not: gradients (forward only), attention bias tensors, dropout.
+
+Layout of the work: grid (batch * nheads_k, num_splits, m_blocks). Each program owns one KV head of one
+sequence, one chunk of its keys, and a tile of BLOCK_M query rows. The rows are the GQA group's query heads
+times the query tokens (row r = token r // group, head r % group), so each K/V byte is read once per group and
+a decode step's tile is padded only to 16 rows, the tensor-core minimum (FlashDecoding++'s flat GEMM), not to
+the 64/128 of a prefill tile. Softmax in the exp2 domain with float32 partial outputs and log-sum-exps; a
+second kernel combines the partials with log-sum-exp weights. One split writes the final output directly.
+
+Tested: Triton interpreter on CPU (tests/test_decode.py); on CUDA the same tests run bigger (cache 128k,
+CUDA-graph replay). Configs (``decode_config``) are fixed, not autotuned, so a decode step can be captured
+in a CUDA graph and nothing retunes as the cache grows.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "LAUNCHES",
+    "split_kv_forward",
+    "append_kv",
+    "num_splits_heuristic",
+    "decode_config",
+    "num_sms",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# The unified-max partial sum of a row must stay in [2^-UNIFIED_RANGE, 2^UNIFIED_RANGE]; outside, the row is
+# recomputed exactly. 2^64 keeps acc = sum p * v far from float32 overflow for any |v| < 2^60 and, with at most
+# 2^20 keys per chunk, keeps the largest p >= 2^-84, where bfloat16/float32 still hold every term that matters.
+UNIFIED_RANGE = 64.0
+
+# Kernel launches by name, for tests that must show a kernel ran (and which one).
+LAUNCHES: collections.Counter = collections.Counter()
+# The fallback flags of the last unified-max launch (num_splits, batch * nheads_k, m_blocks) int32, 1 where a
+# program redid its chunk exactly. Tests read it; nothing on the decode path does.
+last_fallback_flags: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def _tanh(x):
+    # through exp2 so that it needs nothing beyond the core language
+    e = tl.exp2(x * (2.0 * 1.4426950408889634))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb,
+                  stride_vs, num_pages, start, end, diag, slope2, offs_d, qk_scale2, softcap, softcap2, phi2,
+                  window_left, window_right,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, WIN_LEFT: tl.constexpr,
+                  WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  UNIFIED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Attend the query tile to keys [start, end) (relative to the sequence's first valid slot).
+
+    Carries the running state (acc, l_i, m_i). ``MASKED`` blocks check the key bound and the window; the
+    others are full blocks inside every row's window and load without masks. ``UNIFIED`` keeps m_i at phi2.
+    """
+    dmask = offs_d < HEADDIM
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        slot = leftpad + offs_n
+        if PAGED:
+            if MASKED:
+                page = tl.load(bt_row + slot // PAGE_SIZE, mask=offs_n < end, other=0)
+            else:
+                page = tl.load(bt_row + slot // PAGE_SIZE)
+            # a page index outside the cache is clamped: never an out-of-bounds read
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            within = (slot % PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kb + within * stride_ks
+            v_rows = page * stride_vb + within * stride_vs
+        else:
+            k_rows = slot.to(tl.int64) * stride_ks
+            v_rows = slot.to(tl.int64) * stride_vs
+        k_ptrs = k_head + k_rows[:, None] + offs_d[None, :]
+        v_ptrs = v_head + v_rows[:, None] + offs_d[None, :]
+        if MASKED:
+            kv_mask = (offs_n < end)[:, None] & dmask[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            s2 = _tanh(qk * (qk_scale2 / softcap)) * softcap2  # qk_scale2 holds the plain scale here
+        else:
+            s2 = qk * qk_scale2
+        if HAS_ALIBI:
+            dist = offs_n[None, :] - diag[:, None]
+            dist = tl.where(dist < 0, -dist, dist)
+            s2 = s2 - slope2[:, None] * dist.to(tl.float32)
+        if MASKED:
+            ok = (offs_n < end)[None, :]
+            if WIN_RIGHT:
+                ok = ok & (offs_n[None, :] <= diag[:, None] + window_right)
+            if WIN_LEFT:
+                ok = ok & (offs_n[None, :] >= diag[:, None] - window_left)
+            s2 = tl.where(ok, s2, float("-inf"))
+        if UNIFIED:
+            p = tl.exp2(s2 - phi2)
+            l_i = l_i + tl.sum(p, 1)
+            acc = acc + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            # a row with no key so far keeps m = -inf; subtract 0 instead so that exp2 gives 0, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s2 - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb, stride_vs, num_pages,
+                  lo, mid_lo, mid_hi, hi, diag, slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
+                  window_right,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UNIFIED: tl.constexpr, EVEN_D: tl.constexpr,
+                  HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """The three segments of a chunk: masked head (left window), unmasked body, masked tail."""
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if UNIFIED:
+        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + phi2
+    else:
+        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
+    if WIN_LEFT:
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
+                                      stride_vb, stride_vs, num_pages, lo, mid_lo, diag, slope2, offs_d, qk_scale2,
+                                      softcap, softcap2, phi2, window_left, window_right, PAGED, PAGE_SIZE, True,
+                                      WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D, HEADDIM,
+                                      BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
+                                  stride_vb, stride_vs, num_pages, mid_lo, mid_hi, diag, slope2, offs_d, qk_scale2,
+                                  softcap, softcap2, phi2, window_left, window_right, PAGED, PAGE_SIZE, False,
+                                  WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D, HEADDIM, BLOCK_N,
+                                  DOT_PRECISION)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
+                                  stride_vb, stride_vs, num_pages, mid_hi, hi, diag, slope2, offs_d, qk_scale2,
+                                  softcap, softcap2, phi2, window_left, window_right, PAGED, PAGE_SIZE, True,
+                                  WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D, HEADDIM, BLOCK_N,
+                                  DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _split_kv_kernel(
+    Q, K, V, OUT, LSE, O_PART, LSE_PART, FALLBACK,
+    SEQLENS_K, CU_Q, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_lt,
+    stride_btb, stride_alb,
+    nheads_k, group, seqlen_q, capacity, chunk, rows_pad, num_pages,
+    qk_scale2, softcap, softcap2, phi2, window_left, window_right,
+    HAS_SEQLENS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UNIFIED: tl.constexpr, SPLIT: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    mb = tl.program_id(2)
+    num_splits = tl.num_programs(1)
+    num_m_blocks = tl.num_programs(2)
+    b = bh // nheads_k
+    kvh = bh % nheads_k
+
+    if VARLEN_Q:
+        q_start = tl.load(CU_Q + b)
+        sq = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        sq = seqlen_q
+    rows = group * sq
+    if mb * BLOCK_M < rows:
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < rows
+        t = offs_m // group
+        head = kvh * group + offs_m % group
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEADDIM
+
+        # this sequence's keys: cache slots [leftpad, end), clamped to the capacity (a device-side length past
+        # the capacity never makes the kernel read out of bounds)
+        if HAS_SEQLENS:
+            end_slot = tl.minimum(tl.load(SEQLENS_K + b), capacity)
+        else:
+            end_slot = capacity
+        if HAS_LEFTPAD:
+            leftpad = tl.minimum(tl.maximum(tl.load(LEFTPAD + b), 0), capacity)
+        else:
+            leftpad = 0
+        L = tl.maximum(end_slot - leftpad, 0)
+        shift = L - sq
+        diag = t + shift
+
+        # the chunk of this split, narrowed to what the tile's rows can see
+        t_lo = (mb * BLOCK_M) // group
+        t_hi = tl.minimum((mb * BLOCK_M + BLOCK_M - 1) // group, sq - 1)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, L)
+        if WIN_RIGHT:
+            hi = tl.minimum(hi, t_hi + shift + window_right + 1)
+        if WIN_LEFT:
+            lo = tl.maximum(lo, (tl.maximum(t_lo + shift - window_left, 0) // BLOCK_N) * BLOCK_N)
+        # [mid_lo, mid_hi) are whole blocks every row of the tile sees entirely
+        mid_lo = lo
+        if WIN_LEFT:
+            mid_lo = tl.minimum(tl.maximum(lo, ((t_hi + shift - window_left + BLOCK_N - 1) // BLOCK_N) * BLOCK_N),
+                                hi)
+        safe_hi = hi
+        if WIN_RIGHT:
+            safe_hi = tl.minimum(hi, t_lo + shift + window_right + 1)
+        mid_hi = tl.maximum(mid_lo, (safe_hi // BLOCK_N) * BLOCK_N)  # within [mid_lo, hi] when hi > lo
+
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b * stride_alb + head, mask=row_ok, other=0.0) * 1.4426950408889634
+        else:
+            slope2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+        q_ptrs = (Q + b.to(tl.int64) * stride_qb + (q_start + t).to(tl.int64)[:, None] * stride_qt
+                  + head.to(tl.int64)[:, None] * stride_qh + offs_d[None, :])
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+
+        if HAS_BATCH_IDX:
+            # clamped like page indices: a bad row index never reads outside the cache
+            cache_b = tl.minimum(tl.maximum(tl.load(BATCH_IDX + b), 0), num_pages - 1).to(tl.int64)
+        else:
+            cache_b = b.to(tl.int64)
+        if PAGED:
+            k_head = K + kvh.to(tl.int64) * stride_kh
+            v_head = V + kvh.to(tl.int64) * stride_vh
+            bt_row = BLOCK_TABLE + b.to(tl.int64) * stride_btb
+        else:
+            k_head = K + cache_b * stride_kb + kvh.to(tl.int64) * stride_kh
+            v_head = V + cache_b * stride_vb + kvh.to(tl.int64) * stride_vh
+            bt_row = BLOCK_TABLE
+
+        if hi > lo:
+            acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb,
+                                          stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag, slope2, offs_d,
+                                          qk_scale2, softcap, softcap2, phi2, window_left, window_right, PAGED,
+                                          PAGE_SIZE, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED,
+                                          HEADDIM == BLOCK_D, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            if UNIFIED:
+                # rows that see a key in this chunk must have a partial sum inside the safe range; if one does
+                # not (a score far above phi, or all far below), redo the chunk with the exact online softmax
+                row_lo = tl.zeros((BLOCK_M,), dtype=tl.int32) + lo
+                row_hi = tl.zeros((BLOCK_M,), dtype=tl.int32) + hi
+                if WIN_LEFT:
+                    row_lo = tl.maximum(row_lo, diag - window_left)
+                if WIN_RIGHT:
+                    row_hi = tl.minimum(row_hi, diag + window_right + 1)
+                sees_key = row_ok & (row_lo < row_hi)
+                in_range = (l_i >= 5.421010862427522e-20) & (l_i <= 1.8446744073709552e19)  # 2^-64, 2^64
+                bad = sees_key & (in_range == 0)
+                if tl.sum(bad.to(tl.int32), 0) > 0:
+                    acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
+                                                  stride_vb, stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag,
+                                                  slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
+                                                  window_right, PAGED, PAGE_SIZE, WIN_LEFT, WIN_RIGHT, HAS_ALIBI,
+                                                  HAS_SOFTCAP, False, HEADDIM == BLOCK_D, HEADDIM, BLOCK_M,
+                                                  BLOCK_N, BLOCK_D, DOT_PRECISION)
+                    tl.store(FALLBACK + (split * tl.num_programs(0) + bh) * num_m_blocks + mb, 1)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
+
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        if SPLIT:
+            prow = (split * tl.num_programs(0) + bh).to(tl.int64) * rows_pad + offs_m
+            tl.store(LSE_PART + prow, lse2, mask=row_ok)
+            tl.store(O_PART + prow[:, None] * HEADDIM + offs_d[None, :], o, mask=(row_ok & has)[:, None]
+                     & dmask[None, :])
+        else:
+            o_ptrs = (OUT + b.to(tl.int64) * stride_ob + (q_start + t).to(tl.int64)[:, None] * stride_ot
+                      + head.to(tl.int64)[:, None] * stride_oh + offs_d[None, :])
+            tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+            lse = tl.where(has, lse2 * 0.6931471805599453, float("inf"))
+            tl.store(LSE + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+                     + (q_start + t).to(tl.int64) * stride_lt, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    O_PART, LSE_PART, OUT, LSE, CU_Q,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    num_splits, nheads_k, group, seqlen_q, rows_pad,
+    VARLEN_Q: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Merge the splits' partials: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
+
+    Empty partials (lse -inf) get weight 0 and their outputs are not read; a row whose partials are all empty
+    saw no key: output 0, log-sum-exp +inf.
+    """
+    bh = tl.program_id(0)
+    rb = tl.program_id(1)
+    BH = tl.num_programs(0)
+    b = bh // nheads_k
+    kvh = bh % nheads_k
+    if VARLEN_Q:
+        q_start = tl.load(CU_Q + b)
+        sq = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        sq = seqlen_q
+    rows = group * sq
+    if rb * BLOCK_R < rows:
+        offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = offs_r < rows
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEADDIM
+        lse_all = tl.load(LSE_PART + (offs_s[:, None] * BH + bh).to(tl.int64) * rows_pad + offs_r[None, :],
+                          mask=(offs_s < num_splits)[:, None] & row_ok[None, :], other=float("-inf"))
+        mx = tl.max(lse_all, 0)
+        mx_use = tl.where(mx == float("-inf"), 0.0, mx)
+        denom = tl.sum(tl.exp2(lse_all - mx_use[None, :]), 0)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for s in range(0, num_splits):
+            prow = (s * BH + bh).to(tl.int64) * rows_pad + offs_r
+            ls = tl.load(LSE_PART + prow, mask=row_ok, other=float("-inf"))
+            w = tl.exp2(ls - mx_use)
+            o = tl.load(O_PART + prow[:, None] * HEADDIM + offs_d[None, :],
+                        mask=(row_ok & (ls > float("-inf")))[:, None] & dmask[None, :], other=0.0)
+            acc += w[:, None] * o
+        has = denom > 0.0
+        out = acc / tl.where(has, denom, 1.0)[:, None]
+        lse = tl.where(has, (mx_use + tl.log2(tl.where(has, denom, 1.0))) * 0.6931471805599453, float("inf"))
+        t = offs_r // group
+        head = kvh * group + offs_r % group
+        o_ptrs = (OUT + b.to(tl.int64) * stride_ob + (q_start + t).to(tl.int64)[:, None] * stride_ot
+                  + head.to(tl.int64)[:, None] * stride_oh + offs_d[None, :])
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+        tl.store(LSE + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+                 + (q_start + t).to(tl.int64) * stride_lt, lse, mask=row_ok)
+
+
+@triton.jit
+def _rotate(x_ptr, offs_d, dmask, COS, SIN, pos, stride_cos, seqlen_ro, ROTARY_DIM: tl.constexpr,
+            INTERLEAVED: tl.constexpr):
+    """x rotated at position ``pos`` in float32; dims past ROTARY_DIM pass through."""
+    x = tl.load(x_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    in_rot = offs_d < ROTARY_DIM
+    if INTERLEAVED:
+        partner = offs_d ^ 1
+        ci = offs_d // 2
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    else:
+        partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+        ci = offs_d % (ROTARY_DIM // 2)
+        sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
+    xp = tl.load(x_ptr + partner, mask=in_rot & dmask, other=0.0).to(tl.float32)
+    pos = tl.minimum(tl.maximum(pos, 0), seqlen_ro - 1).to(tl.int64)
+    c = tl.load(COS + pos * stride_cos + ci, mask=in_rot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + pos * stride_cos + ci, mask=in_rot, other=0.0).to(tl.float32)
+    return x * c + sign * xp * s
+
+
+@triton.jit
+def _append_rotary_kernel(
+    Q, Q_ROT, K_NEW, V_NEW, K, V, COS, SIN, CACHE_SEQLENS, BATCH_IDX, BLOCK_TABLE,
+    stride_qb, stride_qt, stride_qh, stride_rb, stride_rt, stride_rh,
+    stride_nkb, stride_nkt, stride_nkh, stride_nvb, stride_nvt, stride_nvh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_cos, stride_btb,
+    seqlen_q, seqlen_new, nheads_k, capacity, seqlen_ro, num_pages,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, Q_POS_PER_TOKEN: tl.constexpr, HAS_NEW: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HEADDIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per (sequence, token, head): rotate the query token (into Q_ROT), and write the new K/V token
+    (rotated K) at cache slot cache_seqlens[b] + token. A slot past the capacity is not written."""
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    h = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEADDIM
+    start = tl.load(CACHE_SEQLENS + b)
+    if ROTARY_DIM > 0:
+        if i < seqlen_q:
+            if Q_POS_PER_TOKEN:
+                qpos = start + i
+            else:
+                qpos = start
+            x = _rotate(Q + b.to(tl.int64) * stride_qb + i * stride_qt + h * stride_qh, offs_d, dmask, COS, SIN,
+                        qpos, stride_cos, seqlen_ro, ROTARY_DIM, INTERLEAVED)
+            tl.store(Q_ROT + b.to(tl.int64) * stride_rb + i * stride_rt + h * stride_rh + offs_d,
+                     x.to(Q_ROT.dtype.element_ty), mask=dmask)
+    if HAS_NEW:
+        if i < seqlen_new:
+            if h < nheads_k:
+                slot = start + i
+                if (slot >= 0) & (slot < capacity):
+                    k_src = K_NEW + b.to(tl.int64) * stride_nkb + i * stride_nkt + h * stride_nkh
+                    if ROTARY_DIM > 0:
+                        kx = _rotate(k_src, offs_d, dmask, COS, SIN, slot, stride_cos, seqlen_ro, ROTARY_DIM,
+                                     INTERLEAVED)
+                    else:
+                        kx = tl.load(k_src + offs_d, mask=dmask, other=0.0)
+                    vx = tl.load(V_NEW + b.to(tl.int64) * stride_nvb + i * stride_nvt + h * stride_nvh + offs_d,
+                                 mask=dmask, other=0.0)
+                    if PAGED:
+                        page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_btb + slot // PAGE_SIZE)
+                        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+                        k_dst = K + page * stride_kb + (slot % PAGE_SIZE) * stride_ks + h * stride_kh
+                        v_dst = V + page * stride_vb + (slot % PAGE_SIZE) * stride_vs + h * stride_vh
+                    else:
+                        if HAS_BATCH_IDX:
+                            cb = tl.minimum(tl.maximum(tl.load(BATCH_IDX + b), 0), num_pages - 1).to(tl.int64)
+                        else:
+                            cb = b.to(tl.int64)
+                        k_dst = K + cb * stride_kb + slot.to(tl.int64) * stride_ks + h * stride_kh
+                        v_dst = V + cb * stride_vb + slot.to(tl.int64) * stride_vs + h * stride_vh
+                    tl.store(k_dst + offs_d, kx.to(K.dtype.element_ty), mask=dmask)
+                    tl.store(v_dst + offs_d, vx.to(V.dtype.element_ty), mask=dmask)
+
+
+# ------------------------------------------------------------------------------------------ heuristics, config
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; the CPU interpreter pretends to have 16."""
+    if device.type == "cuda":
+        return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+    return 16
+
+
+def num_splits_heuristic(batch: int, nheads_k: int, seqlen_k_upper: int, num_sms: int, m_blocks: int = 1,
+                         block_n: int = 64, programs_per_sm: int = 2, min_blocks_per_split: int = 2,
+                         max_splits: int = 128) -> int:
+    """How many chunks to cut the keys into, from host-known sizes only (no device lengths are read).
+
+    ``seqlen_k_upper`` is the cache's capacity. Enough (batch, KV head, query tile) programs already fill the
+    GPU: 1. Otherwise take the smallest split count whose grid fills ``num_sms * programs_per_sm`` slots in
+    waves at least 85% as efficiently as the best count, each chunk keeping ``min_blocks_per_split`` blocks
+    of ``block_n`` keys, and no chunk left empty.
+    """
+    n_blocks = max(1, -(-seqlen_k_upper // block_n))
+    programs = batch * nheads_k * m_blocks
+    slots = max(1, num_sms * programs_per_sm)
+    if programs >= 0.8 * slots:
+        return 1
+    limit = max(1, min(max_splits, n_blocks // min_blocks_per_split, n_blocks))
+    candidates = []
+    for s in range(1, limit + 1):
+        per = -(-n_blocks // s)
+        if s > 1 and -(-n_blocks // per) != s:
+            continue  # the same chunking as a smaller count, with empty splits
+        waves = programs * s / slots
+        candidates.append((s, waves / math.ceil(waves)))
+    best = max(eff for _, eff in candidates)
+    for s, eff in candidates:
+        if eff >= 0.85 * best:
+            return s
+    return 1
+
+
+def decode_config(headdim: int, rows: int, device: torch.device, block_m: int | None = None) -> dict:
+    """Tile sizes and launch options for the split-KV kernel.
+
+    ``rows`` = query rows per (sequence, KV head) = group * seqlen_q: the tile takes them padded to 16 (the
+    tensor-core minimum), up to 64; more rows make more tiles. ``block_m`` overrides (benchmarks).
+    """
+    block_d = max(16, triton.next_power_of_2(headdim))
+    if block_m is None:
+        block_m = min(64, max(16, triton.next_power_of_2(max(rows, 1))))
+    if device.type != "cuda":
+        return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
+    block_n = 64 if block_d <= 128 else 32
+    num_stages = 3 if block_d <= 128 else 2
+    num_warps = 4 if block_m <= 64 else 8
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot_precision(dtype: torch.dtype):
+    # float32 follows torch's matmul precision setting; 16-bit inputs have one precision
+    if dtype != torch.float32:
+        return None
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, window_right: int = -1,
+                     softcap: float = 0.0, alibi_slopes=None, seqlens_k=None, leftpad=None, batch_idx=None,
+                     block_table=None, cu_seqlens_q=None, max_seqlen_q: int | None = None, num_splits: int = 0,
+                     unified_max: float | None = None, block_m: int | None = None, seqlen_k_upper=None,
+                     out=None):
+    """Attention of q against a KV cache, split over the keys. Inputs are validated by the caller.
+
+    q: (batch, seqlen_q, nheads, d), or (total_q, nheads, d) with ``cu_seqlens_q`` (int32, batch + 1) and
+    ``max_seqlen_q``. k, v: (batch_cache, capacity, nheads_k, d), or (num_pages, page_size, nheads_k, d) with
+    ``block_table`` (batch, max_pages) int32. ``seqlens_k`` (batch,) int32 on the device: one past each
+    sequence's last valid slot (None: the capacity). ``leftpad`` (batch,) int32: first valid slot.
+    ``unified_max``: FlashDecoding++'s fixed maximum phi (natural-log units of the scaled score), or None for
+    the exact online softmax. ``seqlen_k_upper``: a host bound on the key lengths tighter than the capacity
+    (keys past it are ignored).
+    Returns (out like q, lse float32: (batch, nheads, seqlen_q) dense or (nheads, total_q) varlen).
+    """
+    global last_fallback_flags
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        total_q, nheads, d = q.shape
+        seqlen_q = int(max_seqlen_q)
+        sqb, sqt, sqh = 0, q.stride(0), q.stride(1)
+    else:
+        batch, seqlen_q, nheads, d = q.shape
+        sqb, sqt, sqh = q.stride(0), q.stride(1), q.stride(2)
+    nheads_k = k.shape[2]
+    group = nheads // nheads_k
+    paged = block_table is not None
+    page_size = k.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page_size if paged else k.shape[1]
+    if seqlen_k_upper is not None:
+        capacity = min(capacity, int(seqlen_k_upper))
+    rows = group * seqlen_q
+    cfg = decode_config(d, rows, q.device, block_m)
+    BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    m_blocks = max(1, triton.cdiv(rows, BLOCK_M))
+    if num_splits <= 0:
+        num_splits = num_splits_heuristic(batch, nheads_k, capacity, num_sms(q.device), m_blocks, BLOCK_N)
+    n_blocks = max(1, triton.cdiv(capacity, BLOCK_N))
+    chunk = triton.cdiv(n_blocks, num_splits) * BLOCK_N
+
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if varlen:
+        lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
+        sob, sot, soh = 0, out.stride(0), out.stride(1)
+        slb, slh, slt = 0, lse.stride(0), lse.stride(1)
+    else:
+        lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+        sob, sot, soh = out.stride(0), out.stride(1), out.stride(2)
+        slb, slh, slt = lse.stride(0), lse.stride(1), lse.stride(2)
+    if out.numel() == 0:
+        return out, lse
+
+    split = num_splits > 1
+    rows_pad = m_blocks * BLOCK_M
+    if split:
+        o_part = torch.empty((num_splits, batch * nheads_k, rows_pad, d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, batch * nheads_k, rows_pad), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = lse
+    unified = unified_max is not None and q.dtype != torch.float16
+    if unified:
+        fallback = torch.zeros((num_splits, batch * nheads_k, m_blocks), dtype=torch.int32, device=q.device)
+        last_fallback_flags = fallback
+    else:
+        fallback = lse
+    dummy = lse
+    softcap = float(softcap)
+    has_softcap = softcap > 0.0
+    qk_scale2 = softmax_scale if has_softcap else softmax_scale * LOG2E
+    alibi_batch_stride = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        alibi_batch_stride = alibi_slopes.stride(0)
+
+    grid = (batch * nheads_k, num_splits, m_blocks)
+    _split_kv_kernel[grid](
+        q, k, v, out, lse, o_part, lse_part, fallback,
+        seqlens_k if seqlens_k is not None else dummy,
+        cu_seqlens_q if varlen else dummy,
+        leftpad if leftpad is not None else dummy,
+        batch_idx if batch_idx is not None else dummy,
+        block_table if paged else dummy,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        sqb, sqt, sqh,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        sob, sot, soh, slb, slh, slt,
+        block_table.stride(0) if paged else 0, alibi_batch_stride,
+        nheads_k, group, seqlen_q, capacity, chunk, rows_pad, k.shape[0],
+        qk_scale2, softcap if has_softcap else 1.0, softcap * LOG2E,
+        float(unified_max) * LOG2E if unified else 0.0, int(window_left), int(window_right),
+        HAS_SEQLENS=seqlens_k is not None, VARLEN_Q=varlen, HAS_LEFTPAD=leftpad is not None,
+        HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
+        HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
+        WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, HEADDIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
+    if split:
+        block_r = 16
+        _combine_kernel[(batch * nheads_k, triton.cdiv(rows_pad, block_r))](
+            o_part, lse_part, out, lse, cu_seqlens_q if varlen else dummy,
+            sob, sot, soh, slb, slh, slt,
+            num_splits, nheads_k, group, seqlen_q, rows_pad,
+            VARLEN_Q=varlen, HEADDIM=d, BLOCK_R=block_r, BLOCK_D=BLOCK_D,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4 if q.is_cuda else 1,
+        )
+        LAUNCHES["combine"] += 1
+    return out, lse
+
+
+def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=None, rotary_sin=None,
+              rotary_interleaved=True, q_pos_per_token=True, batch_idx=None, block_table=None):
+    """Write k_new/v_new (batch, seqlen_new, nheads_k, d) into the cache at slots cache_seqlens[b] + i, in
+    place, rotating them when cos/sin (seqlen_ro, rotary_dim / 2) are given; returns q rotated (a new tensor)
+    when cos/sin are given, else q. ``cache_seqlens`` (batch,) int32 on the device. Inputs are validated by
+    the caller; a slot past the capacity is skipped, never written out of bounds."""
+    batch, seqlen_q, nheads, d = q.shape
+    has_new = k_new is not None
+    seqlen_new = k_new.shape[1] if has_new else 0
+    rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    q_rot = torch.empty_like(q) if rotary_dim > 0 else q
+    if rotary_dim == 0 and not has_new:
+        return q
+    tokens = max(seqlen_q if rotary_dim > 0 else 0, seqlen_new)
+    heads = nheads if rotary_dim > 0 else k_new.shape[2]
+    if batch == 0 or tokens == 0:
+        return q_rot
+    dummy = cache_seqlens
+    kn = k_new if has_new else q
+    vn = v_new if has_new else q
+    cos = rotary_cos if rotary_dim > 0 else dummy
+    sin = rotary_sin if rotary_dim > 0 else dummy
+    _append_rotary_kernel[(batch, tokens, heads)](
+        q, q_rot, kn, vn, k_cache, v_cache, cos, sin, cache_seqlens,
+        batch_idx if batch_idx is not None else dummy, block_table if paged else dummy,
+        q.stride(0), q.stride(1), q.stride(2), q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
+        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2),
+        rotary_cos.stride(0) if rotary_dim > 0 else 0, block_table.stride(0) if paged else 0,
+        seqlen_q, seqlen_new, k_cache.shape[2], capacity,
+        rotary_cos.shape[0] if rotary_dim > 0 else 1, k_cache.shape[0],
+        ROTARY_DIM=rotary_dim, INTERLEAVED=bool(rotary_interleaved), Q_POS_PER_TOKEN=bool(q_pos_per_token),
+        HAS_NEW=has_new, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size, HEADDIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=1,
+    )
+    LAUNCHES["append_rotary" if rotary_dim > 0 else "append"] += 1
+    return q_rot
