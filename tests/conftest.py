@@ -1,0 +1,56 @@
+"""Shared fixtures: the device the kernels run on, and tolerance checks that scale themselves.
+
+On a machine without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1 must be set
+before triton is imported; .ci/run and the README's test command set it). Tests marked ``gpu`` need CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    raise pytest.UsageError("No CUDA device: run the tests with TRITON_INTERPRET=1 (Triton's CPU interpreter)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (larger shapes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# Absolute floor of the error allowed on top of the low-precision baseline, per dtype.
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def check_close(name, got, ref, ref_lowp, factor=2.0, dtype=None):
+    """Assert ``got`` is as close to the float32/64 ``ref`` as ``factor`` times what plain PyTorch in the same
+    low precision (``ref_lowp``) gets, plus a small dtype floor; report where it is off if not."""
+    dtype = dtype or got.dtype
+    got, ref, ref_lowp = got.double(), ref.double(), ref_lowp.double()
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} non-finite values"
+    scale = max(ref.abs().max().item(), 1.0)
+    base = (ref_lowp - ref).abs().max().item()
+    tol = factor * base + ATOL[dtype] * scale
+    err = (got - ref).abs()
+    worst = err.max().item()
+    if worst > tol:
+        bad = err > tol
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise AssertionError(f"{name}: max error {worst:.3g} > tol {tol:.3g} (baseline {base:.3g}); "
+                             f"{int(bad.sum())}/{err.numel()} elements off, first at {idx}: got "
+                             f"{got[idx].item():.6g}, ref {ref[idx].item():.6g}")
+    return worst

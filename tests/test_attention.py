@@ -1,0 +1,222 @@
+"""FA2 forward/backward against attention_ref: dtypes, causal, GQA/MQA, odd sizes, fully masked rows, views,
+determinism, torch.compile and bad inputs. On CUDA the same tests run at larger sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_flash
+from hf_flash import attention_ref, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from hf_flash.kernels import attention as kern
+from conftest import DEVICE, ON_GPU, check_close
+
+# (batch, seqlen_q, seqlen_k, headdim): lengths that are not multiples of any block, both orders of q/k
+SHAPES_CPU = [(1, 113, 113, 64), (3, 45, 70, 40), (2, 70, 45, 80), (1, 37, 37, 96)]
+SHAPES_GPU = [(1, 1023, 1023, 64), (3, 513, 1700, 80), (2, 2049, 1000, 128), (2, 4097, 4097, 96)]
+SHAPES = SHAPES_GPU if ON_GPU else SHAPES_CPU
+HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, requires_grad=True, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(batch, seqlen_q, nheads, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(batch, seqlen_k, nheads_k, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(batch, seqlen_k, nheads_k, d, generator=g).to(DEVICE, dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def compare_with_reference(q, k, v, grads=True, ref_kwargs=None, **kwargs):
+    """Run hf_flash and the reference (float32 and the input dtype) on the same inputs; check out, lse, grads."""
+    ref_kwargs = dict(kwargs, **(ref_kwargs or {}))
+    ref_kwargs.pop("deterministic", None)
+    before = dict(kern.launches)
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kwargs)
+    assert kern.launches["fwd"] == before["fwd"] + 1, "the FA2 forward kernel did not run"
+    ref, _, lse_ref = attention_ref(q, k, v, return_lse=True, **ref_kwargs)
+    ref_lp, _ = attention_ref(q, k, v, upcast_dtype=None if q.dtype != torch.float32 else torch.float32,
+                              **ref_kwargs)
+    check_close("out", out, ref, ref_lp)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), finite), "lse is +inf exactly where a row sees no key"
+    assert (lse[~finite] == float("inf")).all()
+    torch.testing.assert_close(lse[finite], lse_ref[finite], atol=1e-3 if q.dtype == torch.float32 else 2e-2,
+                               rtol=1e-3)
+    if not grads:
+        return out
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    assert kern.launches["bwd_dq"] == before["bwd_dq"] + 1 and kern.launches["bwd_dkdv"] == before["bwd_dkdv"] + 1
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    want_lp = torch.autograd.grad(ref_lp, (q, k, v), dout)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, want, want_lp):
+        check_close(name, a, b, c, factor=3.0)
+    empty = ~finite  # (batch, nheads, seqlen_q): rows that see no key get zero output and zero dq
+    if empty.any():
+        rows = empty.permute(0, 2, 1)
+        assert (out[rows] == 0).all() and (got[0][rows] == 0).all()
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+def test_fwd_bwd(dtype, causal, heads):
+    # each (dtype, causal, heads) combination takes a different odd shape, so every shape meets every feature
+    i = (DTYPES.index(dtype) + 2 * causal + HEADS.index(heads)) % len(SHAPES)
+    b, sq, sk, d = SHAPES[i]
+    q, k, v = make_qkv(b, sq, sk, *heads, d, dtype, seed=i)
+    compare_with_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
+def test_head_dims(d):
+    b, sq, sk = (2, 300, 257) if ON_GPU else (1, 33, 40)
+    q, k, v = make_qkv(b, sq, sk, 2, 1, d, torch.float16, seed=d)
+    compare_with_reference(q, k, v, causal=True, softmax_scale=0.3)
+
+
+def test_fully_masked_rows():
+    # causal with seqlen_q > seqlen_k: the first seqlen_q - seqlen_k rows see no key
+    q, k, v = make_qkv(2, 50, 20, 2, 2, 32, torch.float32)
+    out = compare_with_reference(q, k, v, causal=True)
+    assert (out[:, :30] == 0).all()
+
+
+def test_fused_qkv_views_are_not_copied():
+    b, s, h, d = 2, 67, 3, 48
+    qkv = torch.randn(b, s, 3, h, d, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    out = flash_attn_qkvpacked_func(qkv, causal=True)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    assert not q.is_contiguous()
+    ref, _ = attention_ref(q, k, v, causal=True)
+    ref_lp, _ = attention_ref(q, k, v, causal=True, upcast_dtype=None)
+    check_close("out", out, ref, ref_lp)
+    dout = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, qkv, dout)
+    (gr,) = torch.autograd.grad(ref, qkv, dout)
+    (gl,) = torch.autograd.grad(ref_lp, qkv, dout)
+    check_close("dqkv", g, gr, gl, factor=3.0)
+    # kv-packed, and a (b, h, s, d) tensor transposed to (b, s, h, d): strided, last dim contiguous
+    qt = torch.randn(b, h, s, d, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    kv = torch.randn(b, s, 2, h, d, device=DEVICE, dtype=torch.float16)
+    out = flash_attn_kvpacked_func(qt, kv)
+    ref, _ = attention_ref(qt, kv[:, :, 0], kv[:, :, 1])
+    ref_lp, _ = attention_ref(qt, kv[:, :, 0], kv[:, :, 1], upcast_dtype=None)
+    check_close("out", out, ref, ref_lp)
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    q, k, v = make_qkv(2, 70, 90, 4, 2, 64, torch.bfloat16)
+    dout = torch.randn(2, 70, 4, 64, device=DEVICE, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        out = flash_attn_func(q, k, v, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph():
+    class Block(torch.nn.Module):
+        def __init__(self, d=32, h=2):
+            super().__init__()
+            self.h = h
+            self.qkv = torch.nn.Linear(d, 3 * d)
+            self.o = torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            b, s, d = x.shape
+            qkv = self.qkv(x).view(b, s, 3, self.h, d // self.h)
+            y = hf_flash.flash_attn_qkvpacked_func(qkv, causal=True)
+            return self.o(y.reshape(b, s, d))
+
+    torch.manual_seed(0)
+    m = Block().to(DEVICE)
+    x = torch.randn(2, 37, 32, device=DEVICE)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    before = kern.launches["fwd"]
+    out = compiled(x)
+    assert kern.launches["fwd"] > before
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+
+
+@pytest.mark.gpu
+def test_memory_linear_at_16k():
+    """Forward+backward at 16k allocates memory linear in the sequence length (nothing N x N)."""
+    peaks = {}
+    for s in (4096, 8192, 16384):
+        q, k, v = make_qkv(1, s, s, 16, 16, 128, torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = flash_attn_func(q, k, v, causal=True)
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+        peaks[s] = torch.cuda.max_memory_allocated() - base
+        del q, k, v, out
+    print("peak bytes above inputs:", peaks)
+    # doubling the length doubles the peak (O(N)); an N x N fp32 buffer at 16k would be 16 GiB
+    assert peaks[16384] < 2.5 * peaks[8192] and peaks[8192] < 2.5 * peaks[4096]
+    assert peaks[16384] < 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad inputs: one per validated argument, each error names the argument
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _qkv(**over):
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 16, torch.float16, requires_grad=False)
+    d = dict(q=q, k=k, v=v)
+    d.update(over)
+    return d
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    (lambda: flash_attn_func(**_qkv(q=torch.randn(8, 2, 16, device=DEVICE, dtype=torch.float16))), ValueError,
+     "q must have 4 dimensions"),
+    (lambda: flash_attn_func(**_qkv(k=torch.randn(1, 8, 2, 16, device=DEVICE, dtype=torch.float32))), TypeError,
+     "k has dtype"),
+    (lambda: flash_attn_func(**_qkv(q=torch.randint(0, 3, (1, 8, 2, 16), device=DEVICE))), TypeError,
+     "q has dtype"),
+    (lambda: flash_attn_func(**_qkv(k=torch.randn(1, 8, 3, 16, device=DEVICE, dtype=torch.float16),
+                                    v=torch.randn(1, 8, 3, 16, device=DEVICE, dtype=torch.float16))), ValueError,
+     "multiple of that of k"),
+    (lambda: flash_attn_func(**_qkv(q=torch.randn(1, 8, 2, 300, device=DEVICE, dtype=torch.float16),
+                                    k=torch.randn(1, 8, 2, 300, device=DEVICE, dtype=torch.float16),
+                                    v=torch.randn(1, 8, 2, 300, device=DEVICE, dtype=torch.float16))), ValueError,
+     "head dim is 300"),
+    (lambda: flash_attn_func(**_qkv(v=torch.randn(1, 9, 2, 16, device=DEVICE, dtype=torch.float16))), ValueError,
+     "k and v must have the same shape"),
+    (lambda: flash_attn_func(**_qkv(k=torch.randn(2, 8, 2, 16, device=DEVICE, dtype=torch.float16),
+                                    v=torch.randn(2, 8, 2, 16, device=DEVICE, dtype=torch.float16))), ValueError,
+     "batch sizes differ"),
+    (lambda: flash_attn_func(**_qkv(q=torch.randn(1, 8, 2, 32, device=DEVICE, dtype=torch.float16)[..., ::2])),
+     ValueError, "contiguous in its last dimension"),
+    (lambda: flash_attn_func(**_qkv(), dropout_p=1.0), ValueError, "dropout_p must be in"),
+    (lambda: flash_attn_func(**_qkv(), window_size=(-2, 0)), ValueError, "window_size"),
+    (lambda: flash_attn_func(**_qkv(), window_size=3), ValueError, "window_size"),
+    (lambda: flash_attn_func(**_qkv(), softcap=-1.0), ValueError, "softcap"),
+    (lambda: flash_attn_func(**_qkv(), softmax_scale=0.0), ValueError, "softmax_scale"),
+    (lambda: flash_attn_func(**_qkv(), alibi_slopes=torch.ones(3, device=DEVICE)), ValueError, "alibi_slopes"),
+    (lambda: flash_attn_func(**_qkv(), alibi_slopes=torch.ones(2, device=DEVICE, dtype=torch.float16)), TypeError,
+     "alibi_slopes must be float32"),
+    (lambda: flash_attn_func(**_qkv(), attn_bias=torch.zeros(1, 2, 8, 5, device=DEVICE)), ValueError,
+     "attn_bias of shape"),
+    (lambda: flash_attn_func(**_qkv(), attn_bias=torch.zeros(1, 2, 8, 8, device=DEVICE, dtype=torch.int32)),
+     TypeError, "attn_bias has dtype"),
+])
+def test_bad_input(case, exc, match):
+    with pytest.raises(exc, match=match):
+        case()
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        flash_attn_func(q, q, q)
