@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_flash.kernels._common import mma, tanh_f32
+
 __all__ = [
     "LAUNCHES",
     "split_kv_forward",
@@ -65,13 +67,6 @@ last_fallback_flags: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
-
-@triton.jit
-def _tanh(x):
-    # through exp2 so that it needs nothing beyond the core language
-    e = tl.exp2(x * (2.0 * 1.4426950408889634))
-    return 1.0 - 2.0 / (e + 1.0)
-
 
 @triton.jit
 def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb,
@@ -115,9 +110,9 @@ def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, strid
         else:
             k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = mma(q, tl.trans(k), None, DOT_PRECISION)
         if HAS_SOFTCAP:
-            s2 = _tanh(qk * (qk_scale2 / softcap)) * softcap2  # qk_scale2 holds the plain scale here
+            s2 = tanh_f32(qk * (qk_scale2 / softcap)) * softcap2  # qk_scale2 holds the plain scale here
         else:
             s2 = qk * qk_scale2
         if HAS_ALIBI:
@@ -132,9 +127,10 @@ def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, strid
                 ok = ok & (offs_n[None, :] >= diag[:, None] - window_left)
             s2 = tl.where(ok, s2, float("-inf"))
         if UNIFIED:
-            p = tl.exp2(s2 - phi2)
+            # capped at 2^100 so that a score far above phi gives a large finite sum (flagged), never inf
+            p = tl.exp2(tl.minimum(s2 - phi2, 100.0))
             l_i = l_i + tl.sum(p, 1)
-            acc = acc + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
         else:
             m_new = tl.maximum(m_i, tl.max(s2, 1))
             # a row with no key so far keeps m = -inf; subtract 0 instead so that exp2 gives 0, not NaN
@@ -142,7 +138,7 @@ def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, strid
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s2 - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
             m_i = m_new
     return acc, l_i, m_i
 
@@ -524,11 +520,13 @@ def decode_config(headdim: int, rows: int, device: torch.device, block_m: int | 
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
 
 
-def _dot_precision(dtype: torch.dtype):
-    # float32 follows torch's matmul precision setting; 16-bit inputs have one precision
-    if dtype != torch.float32:
-        return None
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    # float32 follows torch's matmul precision setting; "interp-bf16" is _common.mma's interpreter workaround
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return "interp-bf16"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -629,7 +627,7 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
         WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, HEADDIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"],
+        BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
