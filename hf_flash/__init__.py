@@ -16,6 +16,7 @@ from hf_flash.interface import (
 from hf_flash.kvcache import flash_attn_with_kvcache
 from hf_flash.padding import pad_input, unpad_input
 from hf_flash.reference import attention_ref
+from hf_flash.fa1 import flash_attn_fa1_func
 from hf_flash.patches import UnsupportedTransformersError, patch_gpt2, patch_llama, register
 
 try:
