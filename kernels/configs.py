@@ -4,7 +4,8 @@ Keys are bucketed (head dim rounded to a power of two, device kind), never the r
 generate() loop whose length grows by one token never re-tunes or recompiles. Under Triton's interpreter small
 blocks keep CPU tests fast while still crossing several block boundaries.
 
-GPU values were picked by ``benchmarks/tune_attention.py`` on an H100 (see benchmarks/results/); an override
+GPU values were picked by ``benchmarks/tune_attention.py`` on an H100 (bf16, seqlen 4k, batch x seqlen = 16k; the
+sweep is in benchmarks/results/tune_attention_h100.json); an override
 ``HF_FLASH_FWD_CONFIG`` / ``HF_FLASH_BWD_CONFIG`` = "BLOCK_M,BLOCK_N,num_warps,num_stages" exists for tuning.
 """
 
@@ -50,7 +51,7 @@ def fwd_config(head_dim: int, dtype, device, max_seqlen_q: int, max_seqlen_k: in
     d = padded_head_dim(head_dim)
     wide = dtype.itemsize == 4
     if d <= 64:
-        return Config(128, 64 if not wide else 32, 4, 3)
+        return Config(64, 64 if not wide else 32, 4, 3)
     if d <= 128:
         return Config(128, 64 if not wide else 32, 8, 3)
     return Config(64, 64 if not wide else 32, 8, 2)
@@ -65,7 +66,7 @@ def bwd_config(head_dim: int, dtype, device, max_seqlen_q: int, max_seqlen_k: in
     d = padded_head_dim(head_dim)
     wide = dtype.itemsize == 4
     if d <= 64:
-        return Config(64, 128 if not wide else 64, 8, 2)
+        return Config(64, 64 if not wide else 32, 4, 3)
     if d <= 128:
         return Config(64, 128 if not wide else 32, 8, 2)
     return Config(32, 64 if not wide else 32, 8, 1)
