@@ -1,0 +1,182 @@
+"""generate() with attn_implementation="flashtri": tokens equal "sdpa"'s, and the right kernel runs.
+
+Tiny random GPT-2 and Llama (GQA, head dim 24) from a config, loaded with from_pretrained; DynamicCache and
+StaticCache; batch 1 and a left-padded batch of 3; prompts longer than the kernels' blocks (70 tokens against
+blocks of 32 on the interpreter). The FA2 forward must run for the prompt (once per layer) and only the split-KV
+decode kernel for each new token (once per layer and step), with no per-step gather of the cache. On CUDA the
+same tests run larger models, and bf16 checks every step's logits against "sdpa" and a torch.compile'd
+StaticCache decode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import hf_flash  # noqa: F401 - registers "flashtri"
+from hf_flash.kernels import attention as kattn
+from hf_flash.kernels import decode as kdec
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+SIZES = {"cpu": dict(hidden=64, layers=2, heads=4, kv=2, head_dim=24, prompt=70, new=5),
+         "cuda": dict(hidden=512, layers=4, heads=8, kv=2, head_dim=128, prompt=1100, new=24)}
+S = SIZES[DEVICE]
+VOCAB = 101
+
+
+def _config(kind: str):
+    from transformers import GPT2Config, LlamaConfig
+
+    if kind == "llama":
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=S["hidden"], intermediate_size=2 * S["hidden"],
+                           num_hidden_layers=S["layers"], num_attention_heads=S["heads"],
+                           num_key_value_heads=S["kv"], head_dim=S["head_dim"], max_position_embeddings=4096,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GPT2Config(vocab_size=VOCAB, n_embd=S["hidden"], n_layer=S["layers"], n_head=S["heads"],
+                      n_positions=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{kind: (flashtri model, sdpa model)} loaded from one save_pretrained directory per kind."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for kind in ("llama", "gpt2"):
+        torch.manual_seed(99)
+        path = tmp_path_factory.mktemp(kind)
+        model = AutoModelForCausalLM.from_config(_config(kind))
+        with torch.no_grad():  # sharper logits than the default init, so greedy choices are not near-ties
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.mul_(3.0)
+        model.save_pretrained(path)
+        out[kind] = tuple(AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).to(DEVICE).eval()
+                          for impl in ("flashtri", "sdpa"))
+    return out
+
+
+def _prompt(batch: int):
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, VOCAB, (batch, S["prompt"]), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):  # left padding, different per row
+        mask[b, : 9 * b + 4] = 0
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+
+
+def _counts():
+    return kattn.launches["fwd"], kdec.LAUNCHES["split_kv"] + kdec.LAUNCHES["split_kv_unified"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_tokens_equal_sdpa_and_decode_uses_split_kv(models, kind, cache, batch):
+    fl, sdpa = models[kind]
+    ids, mask = _prompt(batch)
+    kw = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    fwd0, dec0 = _counts()
+    got = fl.generate(ids, attention_mask=mask, **kw)
+    fwd1, dec1 = _counts()
+    want = sdpa.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want), f"flashtri {got[:, S['prompt']:].tolist()} vs sdpa {want[:, S['prompt']:].tolist()}"
+    layers = S["layers"]
+    assert fwd1 - fwd0 == layers, "the prompt should take the FA2 forward kernel once per layer"
+    assert dec1 - dec0 == layers * (S["new"] - 1), "each decode step should take the split-KV kernel once per layer"
+
+
+def test_sampling_equals_sdpa_under_a_seed(models):
+    fl, sdpa = models["llama"]
+    ids, mask = _prompt(3)
+    kw = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=True, top_k=8, temperature=0.7,
+              pad_token_id=0)
+    torch.manual_seed(5)
+    got = fl.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(5)
+    want = sdpa.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
+
+
+def test_decode_reads_the_cache_in_place(models, monkeypatch):
+    """A decode step hands flash_attn_with_kvcache the cache storage itself (no repeat_kv, no gather)."""
+    from transformers import DynamicCache
+
+    from hf_flash import kvcache
+
+    fl, _ = models["llama"]
+    ids, mask = _prompt(3)
+    cache = DynamicCache(config=fl.config)
+    # transformers 5.24 renamed past_key_values to cache (the old name still works); 5.17 only knows the old one
+    ckw = {"past_key_values": cache} if transformers.__version__.startswith("5.17") else {"cache": cache}
+    with torch.no_grad():
+        out = fl(ids, attention_mask=mask, use_cache=True, **ckw)
+    seen = []
+    real = kvcache.flash_attn_with_kvcache
+
+    def spy(q, k_cache, v_cache, **kw):
+        seen.append((k_cache, v_cache, kw))
+        return real(q, k_cache, v_cache, **kw)
+
+    monkeypatch.setattr(kvcache, "flash_attn_with_kvcache", spy)
+    nxt = out.logits[:, -1:].argmax(-1)
+    mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    with torch.no_grad():
+        fl(nxt, attention_mask=mask2, use_cache=True, **ckw,
+           position_ids=(mask2.sum(-1, keepdim=True) - 1))
+    assert len(seen) == S["layers"]
+    for layer, (k_cache, v_cache, kw) in enumerate(seen):
+        stored = cache.layers[layer].keys  # (batch, kv heads, seq, dim)
+        assert k_cache.shape[2] == S["kv"], "K/V heads must not be repeated"
+        assert k_cache.data_ptr() == stored.data_ptr() and k_cache.stride() == stored.transpose(1, 2).stride()
+        assert torch.equal(kw["cache_leftpad"].cpu(), (mask2 == 0).sum(-1).int().cpu())
+        assert torch.equal(kw["cache_seqlens"].cpu(), torch.full((3,), mask2.shape[1], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_bf16_logits_of_every_step_close_to_sdpa(models, cache):
+    """bf16 on the GPU: the logits of every generated step stay within bf16 tolerance of "sdpa"'s, fed the same
+    tokens (teacher-forced on sdpa's sequence so that one near-tie cannot fork the two runs)."""
+    fl, sdpa = (m.to(torch.bfloat16) for m in models["llama"])
+    try:
+        ids, mask = _prompt(4)
+        kw = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+        if cache == "static":
+            kw["cache_implementation"] = "static"
+        want = sdpa.generate(ids, attention_mask=mask, **kw)
+        seq = want.sequences
+        full_mask = torch.cat([mask, torch.ones_like(seq[:, S["prompt"]:])], dim=1)
+        with torch.no_grad():
+            got = fl(seq, attention_mask=full_mask).logits[:, S["prompt"] - 1:-1].float()
+            ref32 = sdpa.float()(seq, attention_mask=full_mask).logits[:, S["prompt"] - 1:-1]
+        sdpa.to(torch.bfloat16)
+        lo = torch.stack(want.logits, 1).float()
+        base = (lo - ref32).abs().max().item()
+        err = (got - ref32).abs().max().item()
+        assert err <= 2 * base + 1e-2 * ref32.abs().max().item(), (err, base)
+    finally:
+        for m in models["llama"]:
+            m.float()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_static_cache_compiled_decode_matches_eager(models):
+    fl, _ = models["llama"]
+    ids, mask = _prompt(1)
+    kw = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    want = fl.generate(ids, attention_mask=mask, **kw)
+    fl.forward = torch.compile(fl.forward, mode="reduce-overhead", fullgraph=False)
+    try:
+        got = fl.generate(ids, attention_mask=mask, **kw)
+    finally:
+        del fl.forward
+    assert torch.equal(got, want)
