@@ -62,6 +62,23 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
     return left, right
 
 
+# Longest query that the split-KV (Flash-Decoding) kernel takes, and the shortest key length worth splitting.
+SPLIT_KV_MAX_SEQLEN_Q = 16
+SPLIT_KV_MIN_SEQLEN_K = 256
+
+
+def use_split_kv(q, k, v, dropout_p, attn_bias, return_attn_probs) -> bool:
+    """The prefill-vs-decode rule, in one place: a few query tokens against a long K/V, with no gradient to
+    record, no dropout and no bias, go to the split-KV kernel; everything else to the FA2 kernel."""
+    if q.shape[1] > SPLIT_KV_MAX_SEQLEN_Q or k.shape[1] < SPLIT_KV_MIN_SEQLEN_K:
+        return False
+    if dropout_p > 0.0 or attn_bias is not None or return_attn_probs:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return not torch.compiler.is_compiling()
+
+
 def _dropout_rng(dropout_p: float, device: torch.device):
     """Seed and offset for the in-kernel Philox RNG, drawn from PyTorch's generator on the device.
 
@@ -126,6 +143,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     left, right = _window(causal, window_size)
     alibi_slopes = V.check_alibi(alibi_slopes, batch, nheads, q)
     bias = V.check_attn_bias(attn_bias, batch, nheads, seqlen_q, seqlen_k, q)
+    if use_split_kv(q, k, v, dropout_p, bias, return_attn_probs):
+        from hf_flash import kvcache
+
+        return kvcache.split_kv_attention(q, k, v, scale, False, left, right, softcap, alibi_slopes)[0]
     rng = _dropout_rng(dropout_p, q.device)
     out, lse = ops.attention(q, k, v, None, None, seqlen_q, seqlen_k, bias, alibi_slopes, rng, dropout_p, scale,
                              left, right, softcap, bool(deterministic))

@@ -220,3 +220,20 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         flash_attn_func(q, q, q)
+
+
+def test_decode_shaped_calls_take_the_split_kv_kernel():
+    from hf_flash.kernels import decode
+
+    q, k, v = make_qkv(2, 3, 300, 4, 2, 64, torch.float16, requires_grad=False)
+    before_fwd, before_dec = kern.launches["fwd"], dict(decode.LAUNCHES)
+    out = flash_attn_func(q, k, v, causal=True)
+    assert kern.launches["fwd"] == before_fwd, "a decode-shaped call without grad must not run the FA2 kernel"
+    assert dict(decode.LAUNCHES) != before_dec
+    ref, _ = attention_ref(q, k, v, causal=True)
+    ref_lp, _ = attention_ref(q, k, v, causal=True, upcast_dtype=None)
+    check_close("out", out, ref, ref_lp)
+    # with a gradient to record, the FA2 kernel serves the same call
+    q.requires_grad_(True)
+    flash_attn_func(q, k, v, causal=True)
+    assert kern.launches["fwd"] == before_fwd + 1
