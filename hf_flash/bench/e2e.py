@@ -1,0 +1,422 @@
+"""End-to-end benchmark of attn_implementation="flashtri" against "sdpa" (CUDA only): ``hf-flash bench e2e``.
+
+Llama-3-8B shapes (hidden 4096, 32 layers, 32 query / 8 KV heads, head dim 128, MLP 14336, vocab 128256), random
+weights, bfloat16, one model whose attention implementation is switched between "flashtri" and "sdpa" (the
+same weights for both), everything measured in one run:
+
+* decode time per step at 4k, 32k and 128k tokens of context with batch 1, and a left-padded batch of 8 at 4k:
+  - ``generate()`` as users call it, with its default DynamicCache: the prompt is prefilled once, then
+    ``generate(max_new_tokens=N)`` continues from that cache (cropped back after each repetition); the time of
+    a step is the generate() wall time / N;
+  - StaticCache + ``torch.compile(mode="reduce-overhead")`` of one decode step (the model's forward on one token
+    per sequence, the static 2-D mask and position ids updated in place between steps); CUDA events around
+    each step, median;
+  - the memory roofline of a step: (weight bytes read per token + KV-cache bytes read) / the device's copy rate
+    measured in the same run (``dst.copy_(src)`` of 1 GiB: read + write bytes / time);
+* prefill time at 32k and 128k (batch 1, a fresh DynamicCache, logits of the last token only);
+* a training step (forward + backward with labels, bf16 weights and gradients, no optimizer state) at 4k and
+  16k tokens, with and without gradient checkpointing: tokens/s and peak memory.
+
+``quick=True`` runs 2 layers, contexts of 1k and 4k, fewer steps: a check of the plumbing, not the figures.
+``HF_FLASH_E2E_PARTS`` (comma list of decode, static, prefill, train; default all) runs a subset, so each part
+fits within a time-limited job. Results go to ``e2e.json`` (written after every case, so an interrupted run
+keeps what it measured) and ``e2e.png``; a case that fails (out of memory, an unsupported path) is recorded as
+null with its error. Ratios are sdpa time / flashtri time (> 1: flashtri is faster) and time / roofline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import statistics
+import time
+
+import torch
+
+from hf_flash.bench import common as C
+
+IMPLS = ("flashtri", "sdpa")
+PARTS = ("decode", "static", "prefill", "train")
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                 max_position_embeddings=131072 + 1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+SIZES = {
+    "full": dict(layers=32, decode=((4096, 1), (32768, 1), (131072, 1), (4096, 8)), prefill=(32768, 131072),
+                 train=(4096, 16384), gen_steps=32, static_steps=48, reps=3),
+    "quick": dict(layers=2, decode=((1024, 1), (4096, 1), (1024, 8)), prefill=(4096,), train=(1024,),
+                  gen_steps=8, static_steps=12, reps=2),
+}
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def _wall_ms(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` (long calls: prefill, generate, training steps), synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _try(fn):
+    try:
+        return fn(), None
+    except Exception as exc:  # noqa: BLE001 - a failed case is a measurement too
+        err = C.short_error(exc)
+    _sync()
+    torch.cuda.empty_cache()
+    return None, err
+
+
+def copy_rate(device) -> float:
+    """Device memory copy rate in bytes/s: 1 GiB ``dst.copy_(src)``, counting read + write."""
+    n = 2**30
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = C.time_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / (ms * 1e-3)
+
+
+def build_model(layers: int, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_flash  # noqa: F401 - registers "flashtri"
+
+    cfg = LlamaConfig(**dict(LLAMA3_8B, num_hidden_layers=layers), attn_implementation="flashtri")
+    torch.manual_seed(0)
+    with torch.device(device):
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(dtype)
+    return model.eval()
+
+
+def _cache_key(model) -> str:
+    """transformers 5.24 calls the cache argument ``cache``; 5.17 ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: every parameter except the input embedding (one row per token)."""
+    emb = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+
+
+def kv_bytes(model, context: int, batch: int) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * batch * 2
+
+
+def _prompt(batch: int, context: int, device, vocab: int = 32000):
+    g = torch.Generator(device="cpu").manual_seed(context + batch)
+    ids = torch.randint(10, min(vocab, 32000), (batch, context), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):  # left padding of up to a quarter of the context, different per row
+        mask[b, : (b * context) // (4 * batch)] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids.to(device), (mask.to(device) if batch > 1 else None)
+
+
+# ------------------------------------------------------------------------------------------------- decode
+
+
+def decode_generate_ms(model, context: int, batch: int, steps: int, reps: int) -> float:
+    """ms per step of ``generate()`` (greedy, DynamicCache) continuing from a prefilled prompt."""
+    from transformers import DynamicCache
+
+    device = model.device
+    ids, mask = _prompt(batch, context, device, model.config.vocab_size)
+    key = _cache_key(model)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **{key: cache})
+    nxt = out.logits[:, -1:].argmax(-1)
+    del out
+    full = torch.cat([ids, nxt], dim=1)
+    full_mask = None if mask is None else torch.cat([mask, torch.ones_like(nxt)], dim=1)
+
+    def gen():
+        model.generate(full, attention_mask=full_mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                       pad_token_id=0, **{key: cache})
+        cache.crop(-(int(cache.get_seq_length()) - context))  # negative: tokens to remove (5.17 and 5.24)
+
+    ms = _wall_ms(gen, reps)
+    del cache
+    torch.cuda.empty_cache()
+    return ms / steps
+
+
+def decode_static_compiled_ms(model, context: int, batch: int, steps: int) -> float:
+    """Median ms of one decode step: StaticCache, the step's forward compiled with mode="reduce-overhead"."""
+    from transformers import StaticCache
+
+    device = model.device
+    ids, mask = _prompt(batch, context, device, model.config.vocab_size)
+    max_len = context + steps + 8
+    key = _cache_key(model)
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    # a static 2-D mask over every cache slot: valid tokens 1, padding and not-yet-written slots 0
+    mask_buf = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+    mask_buf[:, :context] = 1 if mask is None else mask
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask_buf[:, :context], use_cache=True, logits_to_keep=1, **{key: cache})
+    tok = out.logits[:, -1:].argmax(-1)
+    del out
+    pos = mask_buf[:, :context].sum(-1, keepdim=True)  # position of the next token of each row
+
+    def step(tok, pos, mask_buf):
+        return model(tok, attention_mask=mask_buf, position_ids=pos, use_cache=True, logits_to_keep=1,
+                     **{key: cache}).logits
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+    times = []
+    with torch.no_grad():
+        for i in range(steps):
+            mask_buf[:, context + i] = 1
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            logits = compiled(tok, pos, mask_buf)
+            end.record()
+            tok = logits[:, -1:].argmax(-1)
+            pos = pos + 1
+            _sync()
+            if i >= steps // 2:  # the first half warms up (compilation, CUDA-graph capture)
+                times.append(start.elapsed_time(end))
+    del cache, compiled
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------------- prefill, train
+
+
+def prefill_ms(model, context: int, reps: int) -> float:
+    from transformers import DynamicCache
+
+    ids, _ = _prompt(1, context, model.device, model.config.vocab_size)
+    key = _cache_key(model)
+
+    def run():
+        with torch.no_grad():
+            model(ids, use_cache=True, logits_to_keep=1, **{key: DynamicCache(config=model.config)})
+
+    ms = _wall_ms(run, reps)
+    torch.cuda.empty_cache()
+    return ms
+
+
+def train_step(model, tokens: int, checkpointing: bool, reps: int) -> dict:
+    ids, _ = _prompt(1, tokens, model.device, model.config.vocab_size)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    try:
+        run()  # warm-up outside the peak measurement
+        torch.cuda.reset_peak_memory_stats()
+        ms = _wall_ms(run, reps, warmup=0)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.eval()
+        for p in params:
+            p.grad = None
+        torch.cuda.empty_cache()
+    return {"ms": ms, "tokens_per_s": tokens / (ms * 1e-3), "peak_gib": peak}
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def _set_impl(model, impl: str):
+    model.set_attn_implementation(impl)
+    if impl == "flashtri":
+        import hf_flash
+
+        hf_flash.patch_llama(model)
+
+
+def _parts() -> tuple[str, ...]:
+    env = os.environ.get("HF_FLASH_E2E_PARTS", "")
+    if not env.strip():
+        return PARTS
+    parts = tuple(p.strip() for p in env.split(",") if p.strip())
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise C.BenchUnavailable(f"HF_FLASH_E2E_PARTS has {bad}; accepted: {', '.join(PARTS)}")
+    return parts
+
+
+def _cases(sz, parts):
+    cases = []
+    for context, batch in sz["decode"]:
+        if "decode" in parts:
+            cases.append(("decode", context, batch))
+        if "static" in parts:
+            cases.append(("static", context, batch))
+    cases += [("prefill", n, 1) for n in sz["prefill"] if "prefill" in parts]
+    for n in sz["train"]:
+        if "train" in parts:
+            cases += [("train", n, 1), ("train_ckpt", n, 1)]
+    return cases
+
+
+def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
+    device = C.require_cuda("hf-flash bench e2e")
+    sz = SIZES["quick" if quick else "full"]
+    parts = _parts()
+    env = C.env_info()
+    json_path = C.result_path(out_dir, "e2e", quick, "json")
+    rate = copy_rate(device)
+    model = build_model(sz["layers"], device)
+    wbytes = weight_bytes_per_token(model)
+    result = {"benchmark": "e2e", "quick": quick, "env": env,
+              "config": {"model": "Llama-3-8B shapes, random weights", "layers": sz["layers"],
+                         "dtype": "bfloat16", "parts": list(parts), "copy_rate_gb_s": rate / 1e9,
+                         "weight_bytes_per_token": wbytes,
+                         "decode_generate": f"generate() from a prefilled DynamicCache, {sz['gen_steps']} steps, "
+                                            "wall time / steps, median of reps",
+                         "decode_static": "StaticCache + torch.compile(mode='reduce-overhead') of one step, "
+                                          "median CUDA-event time of the second half of the steps",
+                         "roofline": "(weight bytes + KV bytes) / copy rate",
+                         "train": "forward + backward with labels, bf16 weights and grads, no optimizer"},
+              "cases": []}
+
+    def save():
+        C.write_json(result, json_path)
+
+    for kind, n, batch in C.progress(_cases(sz, parts), desc="e2e", total=len(_cases(sz, parts))):
+        case = {"kind": kind, "tokens": n, "batch": batch}
+        for impl in IMPLS:
+            _set_impl(model, impl)
+            if kind == "decode":
+                ms, err = _try(lambda: decode_generate_ms(model, n, batch, sz["gen_steps"], sz["reps"]))
+                case[impl] = {"ms_per_step": ms, "error": err}
+            elif kind == "static":
+                ms, err = _try(lambda: decode_static_compiled_ms(model, n, batch, sz["static_steps"]))
+                case[impl] = {"ms_per_step": ms, "error": err}
+            elif kind == "prefill":
+                ms, err = _try(lambda: prefill_ms(model, n, sz["reps"]))
+                case[impl] = {"ms": ms, "error": err}
+            else:
+                res, err = _try(lambda: train_step(model, n, kind == "train_ckpt", sz["reps"]))
+                case[impl] = dict(res or {}, error=err)
+        if kind in ("decode", "static"):
+            roof = (wbytes + kv_bytes(model, n, batch)) / rate * 1e3
+            case["roofline_ms"] = roof
+            f, s = case["flashtri"]["ms_per_step"], case["sdpa"]["ms_per_step"]
+            case["speedup_vs_sdpa"] = C.ratio(s, f)
+            case["flashtri_over_roofline"] = C.ratio(f, roof)
+            case["sdpa_over_roofline"] = C.ratio(s, roof)
+            case["tokens_per_s"] = {impl: (batch * 1e3 / case[impl]["ms_per_step"]
+                                           if case[impl]["ms_per_step"] else None) for impl in IMPLS}
+        elif kind == "prefill":
+            case["speedup_vs_sdpa"] = C.ratio(case["sdpa"]["ms"], case["flashtri"]["ms"])
+        else:
+            case["speedup_vs_sdpa"] = C.ratio(case["flashtri"].get("tokens_per_s"), case["sdpa"].get("tokens_per_s"))
+            case["peak_ratio"] = C.ratio(case["flashtri"].get("peak_gib"), case["sdpa"].get("peak_gib"))
+        result["cases"].append(case)
+        save()
+
+    result["table"] = _table(result["cases"])
+    result["summary"] = _summary(result["cases"])
+    save()
+    files = [json_path]
+    png = _plot(result["cases"], C.result_path(out_dir, "e2e", quick, "png"), env)
+    if png:
+        files.append(png)
+    result["files"] = files
+    save()
+    return result
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _label(c) -> str:
+    n = f"{c['tokens'] // 1024}k"
+    return f"{c['kind']} {n}" + (f" b{c['batch']}" if c["batch"] > 1 else "")
+
+
+def _table(cases) -> dict:
+    rows = []
+    for c in cases:
+        f, s = c["flashtri"], c["sdpa"]
+        if c["kind"] in ("decode", "static"):
+            rows.append([_label(c), f["ms_per_step"], s["ms_per_step"], c["speedup_vs_sdpa"], c["roofline_ms"],
+                         c["flashtri_over_roofline"], None, None, f["error"] or s["error"]])
+        elif c["kind"] == "prefill":
+            rows.append([_label(c), f["ms"], s["ms"], c["speedup_vs_sdpa"], None, None, None, None,
+                         f["error"] or s["error"]])
+        else:
+            rows.append([_label(c), f.get("ms"), s.get("ms"), c["speedup_vs_sdpa"], None, None,
+                         f.get("peak_gib"), s.get("peak_gib"), f["error"] or s["error"]])
+    return {"title": "e2e: Llama-3-8B shapes, bf16 (speedup = sdpa time / flashtri time)",
+            "columns": ["case", "flashtri ms", "sdpa ms", "speedup", "roofline ms", "flashtri/roof",
+                        "flashtri GiB", "sdpa GiB", "error"],
+            "rows": rows}
+
+
+def _summary(cases) -> list:
+    out = []
+    for c in cases:
+        if c["kind"] in ("decode", "static"):
+            out.append([f"e2e {_label(c)}: speedup vs sdpa / x roofline",
+                        f"{_fmt(c['speedup_vs_sdpa'])} / {_fmt(c['flashtri_over_roofline'])}"])
+        elif c["kind"] == "prefill":
+            out.append([f"e2e {_label(c)}: speedup vs sdpa", _fmt(c["speedup_vs_sdpa"])])
+        else:
+            out.append([f"e2e {_label(c)}: tokens/s ratio, peak ratio",
+                        f"{_fmt(c['speedup_vs_sdpa'])}, {_fmt(c.get('peak_ratio'))}"])
+    return out
+
+
+def _plot(cases, path, env):
+    panels = []
+    for kind, title in (("decode", "generate() decode, DynamicCache"), ("static", "StaticCache + compile decode")):
+        cs = [c for c in cases if c["kind"] == kind]
+        if cs:
+            panels.append({"title": title + " (ms/step)", "x": [_label(c).split(" ", 1)[1] for c in cs],
+                           "kind": "bar", "ylabel": "ms per step",
+                           "series": {"flashtri": [c["flashtri"]["ms_per_step"] for c in cs],
+                                      "sdpa": [c["sdpa"]["ms_per_step"] for c in cs],
+                                      "roofline": [c["roofline_ms"] for c in cs]}})
+    cs = [c for c in cases if c["kind"] == "prefill"]
+    if cs:
+        panels.append({"title": "prefill (ms)", "x": [_label(c).split(" ", 1)[1] for c in cs], "kind": "bar",
+                       "ylabel": "ms", "series": {i: [c[i]["ms"] for c in cs] for i in IMPLS}})
+    cs = [c for c in cases if c["kind"].startswith("train")]
+    if cs:
+        panels.append({"title": "training step (tokens/s)", "x": [_label(c) for c in cs], "kind": "bar",
+                       "ylabel": "tokens/s", "series": {i: [c[i].get("tokens_per_s") for c in cs] for i in IMPLS}})
+        panels.append({"title": "training peak memory (GiB)", "x": [_label(c) for c in cs], "kind": "bar",
+                       "ylabel": "GiB", "series": {i: [c[i].get("peak_gib") for c in cs] for i in IMPLS}})
+    if not panels:
+        return None
+    return C.plot_panels(path, panels, suptitle=f"hf_flash e2e, {env.get('device')}, transformers "
+                                                f"{env.get('transformers')}", ncols=len(panels))
