@@ -69,20 +69,33 @@ last_fallback_flags: torch.Tensor | None = None
 # ----------------------------------------------------------------------------------------------- jit helpers
 
 @triton.jit
+def _online_softmax_step(acc, l_i, m_i, s2, v, DOT_PRECISION: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    # a row with no key so far keeps m = -inf; subtract 0 instead so that exp2 gives 0, not NaN
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s2 - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb,
                   stride_vs, num_pages, start, end, diag, slope2, offs_d, qk_scale2, softcap, softcap2, phi2,
-                  window_left, window_right,
-                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, WIN_LEFT: tl.constexpr,
-                  WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  window_left, window_right, exact,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BIG_OFFSETS: tl.constexpr, MASKED: tl.constexpr,
+                  WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   UNIFIED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Attend the query tile to keys [start, end) (relative to the sequence's first valid slot).
 
     Carries the running state (acc, l_i, m_i). ``MASKED`` blocks check the key bound and the window; the
-    others are full blocks inside every row's window and load without masks. ``UNIFIED`` keeps m_i at phi2.
+    others are full blocks inside every row's window and load without masks. ``UNIFIED`` keeps m_i at phi2
+    unless ``exact`` (a runtime flag: the unified kernel's fallback pass) is set.
     """
     dmask = offs_d < HEADDIM
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         slot = leftpad + offs_n
         if PAGED:
@@ -95,9 +108,14 @@ def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, strid
             within = (slot % PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + within * stride_ks
             v_rows = page * stride_vb + within * stride_vs
-        else:
+        elif BIG_OFFSETS:
             k_rows = slot.to(tl.int64) * stride_ks
             v_rows = slot.to(tl.int64) * stride_vs
+        else:
+            # 32-bit offsets from the (sequence, head) base when they fit: 64-bit pointer math per element
+            # costs registers the pipelined loads need
+            k_rows = slot * stride_ks
+            v_rows = slot * stride_vs
         k_ptrs = k_head + k_rows[:, None] + offs_d[None, :]
         v_ptrs = v_head + v_rows[:, None] + offs_d[None, :]
         if MASKED:
@@ -127,53 +145,50 @@ def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, strid
                 ok = ok & (offs_n[None, :] >= diag[:, None] - window_left)
             s2 = tl.where(ok, s2, float("-inf"))
         if UNIFIED:
-            # capped at 2^100 so that a score far above phi gives a large finite sum (flagged), never inf
-            p = tl.exp2(tl.minimum(s2 - phi2, 100.0))
-            l_i = l_i + tl.sum(p, 1)
-            acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+            if exact:
+                acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s2, v, DOT_PRECISION)
+            else:
+                # capped at 2^100 so that a score far above phi gives a large finite sum (flagged), never inf
+                p = tl.exp2(tl.minimum(s2 - phi2, 100.0))
+                l_i = l_i + tl.sum(p, 1)
+                acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
         else:
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            # a row with no key so far keeps m = -inf; subtract 0 instead so that exp2 gives 0, not NaN
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s2 - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s2, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb, stride_vs, num_pages,
                   lo, mid_lo, mid_hi, hi, diag, slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
-                  window_right,
-                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UNIFIED: tl.constexpr, EVEN_D: tl.constexpr,
-                  HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  window_right, exact,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BIG_OFFSETS: tl.constexpr, WIN_LEFT: tl.constexpr,
+                  WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  UNIFIED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  NUM_STAGES: tl.constexpr):
     """The three segments of a chunk: masked head (left window), unmasked body, masked tail."""
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
     if UNIFIED:
-        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + phi2
-    else:
-        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
+        if exact == 0:
+            m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + phi2
     if WIN_LEFT:
         acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                       stride_vb, stride_vs, num_pages, lo, mid_lo, diag, slope2, offs_d, qk_scale2,
-                                      softcap, softcap2, phi2, window_left, window_right, PAGED, PAGE_SIZE, True,
-                                      WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D, HEADDIM,
-                                      BLOCK_N, DOT_PRECISION)
+                                      softcap, softcap2, phi2, window_left, window_right, exact, PAGED, PAGE_SIZE,
+                                      BIG_OFFSETS, True, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED,
+                                      EVEN_D, HEADDIM, BLOCK_N, DOT_PRECISION, NUM_STAGES)
     acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                   stride_vb, stride_vs, num_pages, mid_lo, mid_hi, diag, slope2, offs_d, qk_scale2,
-                                  softcap, softcap2, phi2, window_left, window_right, PAGED, PAGE_SIZE, False,
-                                  WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D, HEADDIM, BLOCK_N,
-                                  DOT_PRECISION)
+                                  softcap, softcap2, phi2, window_left, window_right, exact, PAGED, PAGE_SIZE,
+                                  BIG_OFFSETS, False, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D,
+                                  HEADDIM, BLOCK_N, DOT_PRECISION, NUM_STAGES)
     acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                   stride_vb, stride_vs, num_pages, mid_hi, hi, diag, slope2, offs_d, qk_scale2,
-                                  softcap, softcap2, phi2, window_left, window_right, PAGED, PAGE_SIZE, True,
-                                  WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D, HEADDIM, BLOCK_N,
-                                  DOT_PRECISION)
+                                  softcap, softcap2, phi2, window_left, window_right, exact, PAGED, PAGE_SIZE,
+                                  BIG_OFFSETS, True, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D,
+                                  HEADDIM, BLOCK_N, DOT_PRECISION, NUM_STAGES)
     return acc, l_i, m_i
 
 
@@ -191,10 +206,11 @@ def _split_kv_kernel(
     nheads_k, group, seqlen_q, capacity, chunk, rows_pad, num_pages,
     qk_scale2, softcap, softcap2, phi2, window_left, window_right,
     HAS_SEQLENS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BIG_OFFSETS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UNIFIED: tl.constexpr, SPLIT: tl.constexpr,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -275,15 +291,14 @@ def _split_kv_kernel(
             v_head = V + cache_b * stride_vb + kvh.to(tl.int64) * stride_vh
             bt_row = BLOCK_TABLE
 
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
         if hi > lo:
-            acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb,
-                                          stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag, slope2, offs_d,
-                                          qk_scale2, softcap, softcap2, phi2, window_left, window_right, PAGED,
-                                          PAGE_SIZE, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED,
-                                          HEADDIM == BLOCK_D, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
             if UNIFIED:
-                # rows that see a key in this chunk must have a partial sum inside the safe range; if one does
-                # not (a score far above phi, or all far below), redo the chunk with the exact online softmax
+                # pass 0 uses the unified maximum; rows that see a key in this chunk must end with a partial sum
+                # inside the safe range. If one does not (a score far above phi, or all far below), pass 1 redoes
+                # the chunk with the exact online softmax. One loop body, so the fallback costs no registers.
                 row_lo = tl.zeros((BLOCK_M,), dtype=tl.int32) + lo
                 row_hi = tl.zeros((BLOCK_M,), dtype=tl.int32) + hi
                 if WIN_LEFT:
@@ -291,20 +306,29 @@ def _split_kv_kernel(
                 if WIN_RIGHT:
                     row_hi = tl.minimum(row_hi, diag + window_right + 1)
                 sees_key = row_ok & (row_lo < row_hi)
+                acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
+                                              stride_vb, stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag,
+                                              slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
+                                              window_right, 0, PAGED, PAGE_SIZE, BIG_OFFSETS, WIN_LEFT,
+                                              WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, True, HEADDIM == BLOCK_D, HEADDIM,
+                                              BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, NUM_STAGES)
                 in_range = (l_i >= 5.421010862427522e-20) & (l_i <= 1.8446744073709552e19)  # 2^-64, 2^64
                 bad = sees_key & (in_range == 0)
                 if tl.sum(bad.to(tl.int32), 0) > 0:
                     acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                                   stride_vb, stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag,
                                                   slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
-                                                  window_right, PAGED, PAGE_SIZE, WIN_LEFT, WIN_RIGHT, HAS_ALIBI,
-                                                  HAS_SOFTCAP, False, HEADDIM == BLOCK_D, HEADDIM, BLOCK_M,
-                                                  BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                                  window_right, 1, PAGED, PAGE_SIZE, BIG_OFFSETS, WIN_LEFT,
+                                                  WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, HEADDIM == BLOCK_D,
+                                                  HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, 1)
                     tl.store(FALLBACK + (split * tl.num_programs(0) + bh) * num_m_blocks + mb, 1)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
+            else:
+                acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
+                                              stride_vb, stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag, slope2,
+                                              offs_d, qk_scale2, softcap, softcap2, phi2, window_left, window_right,
+                                              1, PAGED, PAGE_SIZE, BIG_OFFSETS, WIN_LEFT, WIN_RIGHT, HAS_ALIBI,
+                                              HAS_SOFTCAP, False, HEADDIM == BLOCK_D, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                                              DOT_PRECISION, NUM_STAGES)
 
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -625,10 +649,11 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         float(unified_max) * LOG2E if unified else 0.0, int(window_left), int(window_right),
         HAS_SEQLENS=seqlens_k is not None, VARLEN_Q=varlen, HAS_LEFTPAD=leftpad is not None,
         HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
+        BIG_OFFSETS=capacity * max(k.stride(1), v.stride(1)) >= 2**31,
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
         WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, HEADDIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device), NUM_STAGES=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
     if split:
