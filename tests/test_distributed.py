@@ -28,6 +28,9 @@ activation checkpointing through ``checkpoint_wrapper``). On GPUs the worker rea
 environment that ``accelerate launch --config_file examples/accelerate/fsdp.yaml`` sets.
 
 The worker is this file run as a script (``python tests/test_distributed.py --worker ...``).
+
+Also here: the multi-GPU benchmark (:mod:`hf_flash.bench.distributed`) refuses to run without 2 GPUs, and its
+loss check (flashtri's gap to the single-GPU run within 3x sdpa's gap + 0.02) decides as documented.
 """
 
 from __future__ import annotations
@@ -270,6 +273,45 @@ def test_one_step_matches_single_process(setup, tmp_path, mode):
             f"{who}: loss {r['loss']} vs single process {setup['loss']}"
         _assert_close(f"{who} gradients", r["grads"], setup["grads"])
         _assert_close(f"{who} parameters after the SGD step", r["params"], setup["params"])
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def test_bench_needs_two_gpus(tmp_path):
+    from hf_flash.bench import common as C
+    from hf_flash.bench import distributed as bench
+
+    if ON_GPU and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has several GPUs: the benchmark would run")
+    with pytest.raises(C.BenchUnavailable, match="CUDA GPU" if not ON_GPU else "2 or more CUDA GPUs"):
+        bench.run(quick=True, out_dir=str(tmp_path))
+    assert not list(tmp_path.iterdir()), "nothing should be written when the benchmark cannot run"
+
+
+def test_bench_loss_check_scales_with_sdpa_gap():
+    """The bench's pass rule: flashtri's largest per-step gap to its single-GPU run within 3x sdpa's + 0.02."""
+    from hf_flash.bench import distributed as bench
+
+    single = [11.9, 11.8, 11.7]
+    runs = {"single/flashtri": {"losses": single, "tokens_per_s_per_gpu": 100.0, "peak_gib_per_gpu": 40.0,
+                                "step_extra_gib_per_gpu": 8.0},
+            "single/sdpa": {"losses": single, "tokens_per_s_per_gpu": 80.0, "peak_gib_per_gpu": 42.0,
+                            "step_extra_gib_per_gpu": 10.0},
+            "ddp/flashtri": {"losses": [11.9, 11.83, 11.7], "tokens_per_s_per_gpu": 90.0},
+            "ddp/sdpa": {"losses": [11.9, 11.81, 11.7], "tokens_per_s_per_gpu": 75.0},
+            "fsdp/flashtri": {"losses": [11.9, 11.9, 11.7]},
+            "fsdp/sdpa": {"error": "exit 1: OutOfMemoryError"}}
+    out = bench._compare(runs)
+    ddp, fsdp = out["checks"]["ddp"], out["checks"]["fsdp"]
+    assert ddp["ok"] is True and ddp["tolerance"] == pytest.approx(3 * 0.01 + 0.02)
+    assert fsdp["ok"] is None and fsdp["sdpa_max_loss_gap_vs_single"] is None  # no sdpa run: no verdict
+    runs["fsdp/sdpa"] = {"losses": single}
+    assert bench._compare(runs)["checks"]["fsdp"]["ok"] is False  # a 0.1 gap against an exact sdpa run
+    r = out["ratios"]
+    assert r["single"]["tokens_per_s_per_gpu_flashtri_over_sdpa"] == pytest.approx(1.25)
+    assert r["single"]["peak_gib_per_gpu_flashtri_over_sdpa"] == pytest.approx(40 / 42)
+    assert r["ddp"]["scaling_efficiency_flashtri"] == pytest.approx(0.9)
 
 
 if __name__ == "__main__":
