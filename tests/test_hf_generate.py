@@ -20,8 +20,8 @@ from hf_flash.kernels import decode as kdec
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-SIZES = {"cpu": dict(hidden=64, layers=2, heads=4, kv=2, head_dim=24, prompt=70, new=5),
-         "cuda": dict(hidden=512, layers=4, heads=8, kv=2, head_dim=128, prompt=1100, new=24)}
+SIZES = {"cpu": dict(hidden=64, layers=2, heads=4, kv=2, head_dim=24, prompt=70, new=5, positions=128),
+         "cuda": dict(hidden=512, layers=4, heads=8, kv=2, head_dim=128, prompt=1100, new=24, positions=4096)}
 S = SIZES[DEVICE]
 VOCAB = 101
 
@@ -32,10 +32,11 @@ def _config(kind: str):
     if kind == "llama":
         return LlamaConfig(vocab_size=VOCAB, hidden_size=S["hidden"], intermediate_size=2 * S["hidden"],
                            num_hidden_layers=S["layers"], num_attention_heads=S["heads"],
-                           num_key_value_heads=S["kv"], head_dim=S["head_dim"], max_position_embeddings=4096,
+                           num_key_value_heads=S["kv"], head_dim=S["head_dim"],
+                           max_position_embeddings=S["positions"],
                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return GPT2Config(vocab_size=VOCAB, n_embd=S["hidden"], n_layer=S["layers"], n_head=S["heads"],
-                      n_positions=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                      n_positions=S["positions"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")

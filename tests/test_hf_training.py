@@ -213,7 +213,7 @@ def test_per_step_losses_and_gradients_match_sdpa(tmp_path_factory, kind):
     fl, ref = load(path, "flashtri"), load(path, "sdpa")
     opt_f = torch.optim.SGD(fl.parameters(), lr=0.5)
     opt_r = torch.optim.SGD(ref.parameters(), lr=0.5)
-    seqlen = S["seqlens"][1]
+    seqlen = S["seqlens"][0]
     before = dict(kattn.launches)
     for step in range(3):
         ids, mask, labels = padded_batch(3, seqlen, seed=step)
@@ -242,12 +242,12 @@ def test_gpt2_dropout_in_kernel_statistics_repeatability_and_checkpointing(tmp_p
         stats = {}
         for name, model in (("flashtri", fl), ("eager", ref)):
             losses = []
-            for seed in range(8):
+            for seed in range(6):
                 torch.manual_seed(seed)
                 losses.append(model(ids, attention_mask=mask, labels=labels).loss.item())
             stats[name] = (sum(losses) / len(losses), torch.tensor(losses).std().item())
     (mf, sf), (me, se) = stats["flashtri"], stats["eager"]
-    assert sf > 0 and abs(mf - me) < 4 * math.sqrt((sf ** 2 + se ** 2) / 8) + 1e-6, stats
+    assert sf > 0 and abs(mf - me) < 4 * math.sqrt((sf ** 2 + se ** 2) / 6) + 1e-6, stats
     assert abs(mf - clean) < 0.5 and sf > 1e-5, "dropout should perturb the loss a little"
 
     def run(model):
