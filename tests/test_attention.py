@@ -237,3 +237,10 @@ def test_decode_shaped_calls_take_the_split_kv_kernel():
     q.requires_grad_(True)
     flash_attn_func(q, k, v, causal=True)
     assert kern.launches["fwd"] == before_fwd + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_16k_against_reference(causal):
+    q, k, v = make_qkv(1, 16384, 16384, 2, 1, 128, torch.bfloat16)
+    compare_with_reference(q, k, v, causal=causal)
