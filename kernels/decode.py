@@ -84,7 +84,7 @@ def _online_softmax_step(acc, l_i, m_i, s2, v, DOT_PRECISION: tl.constexpr):
 def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb,
                   stride_vs, num_pages, start, end, diag, slope2, offs_d, qk_scale2, softcap, softcap2, phi2,
                   window_left, window_right, exact,
-                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BIG_OFFSETS: tl.constexpr, MASKED: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   UNIFIED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -108,14 +108,9 @@ def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, strid
             within = (slot % PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + within * stride_ks
             v_rows = page * stride_vb + within * stride_vs
-        elif BIG_OFFSETS:
+        else:
             k_rows = slot.to(tl.int64) * stride_ks
             v_rows = slot.to(tl.int64) * stride_vs
-        else:
-            # 32-bit offsets from the (sequence, head) base when they fit: 64-bit pointer math per element
-            # costs registers the pipelined loads need
-            k_rows = slot * stride_ks
-            v_rows = slot * stride_vs
         k_ptrs = k_head + k_rows[:, None] + offs_d[None, :]
         v_ptrs = v_head + v_rows[:, None] + offs_d[None, :]
         if MASKED:
@@ -161,7 +156,7 @@ def _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, strid
 def _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks, stride_vb, stride_vs, num_pages,
                   lo, mid_lo, mid_hi, hi, diag, slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
                   window_right, exact,
-                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BIG_OFFSETS: tl.constexpr, WIN_LEFT: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WIN_LEFT: tl.constexpr,
                   WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   UNIFIED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -177,17 +172,17 @@ def _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks
         acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                       stride_vb, stride_vs, num_pages, lo, mid_lo, diag, slope2, offs_d, qk_scale2,
                                       softcap, softcap2, phi2, window_left, window_right, exact, PAGED, PAGE_SIZE,
-                                      BIG_OFFSETS, True, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED,
+                                      True, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED,
                                       EVEN_D, HEADDIM, BLOCK_N, DOT_PRECISION, NUM_STAGES)
     acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                   stride_vb, stride_vs, num_pages, mid_lo, mid_hi, diag, slope2, offs_d, qk_scale2,
                                   softcap, softcap2, phi2, window_left, window_right, exact, PAGED, PAGE_SIZE,
-                                  BIG_OFFSETS, False, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D,
+                                  False, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D,
                                   HEADDIM, BLOCK_N, DOT_PRECISION, NUM_STAGES)
     acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                   stride_vb, stride_vs, num_pages, mid_hi, hi, diag, slope2, offs_d, qk_scale2,
                                   softcap, softcap2, phi2, window_left, window_right, exact, PAGED, PAGE_SIZE,
-                                  BIG_OFFSETS, True, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D,
+                                  True, WIN_LEFT, WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, UNIFIED, EVEN_D,
                                   HEADDIM, BLOCK_N, DOT_PRECISION, NUM_STAGES)
     return acc, l_i, m_i
 
@@ -206,7 +201,7 @@ def _split_kv_kernel(
     nheads_k, group, seqlen_q, capacity, chunk, rows_pad, num_pages,
     qk_scale2, softcap, softcap2, phi2, window_left, window_right,
     HAS_SEQLENS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BIG_OFFSETS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UNIFIED: tl.constexpr, SPLIT: tl.constexpr,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -309,7 +304,7 @@ def _split_kv_kernel(
                 acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                               stride_vb, stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag,
                                               slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
-                                              window_right, 0, PAGED, PAGE_SIZE, BIG_OFFSETS, WIN_LEFT,
+                                              window_right, 0, PAGED, PAGE_SIZE, WIN_LEFT,
                                               WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, True, HEADDIM == BLOCK_D, HEADDIM,
                                               BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, NUM_STAGES)
                 in_range = (l_i >= 5.421010862427522e-20) & (l_i <= 1.8446744073709552e19)  # 2^-64, 2^64
@@ -318,7 +313,7 @@ def _split_kv_kernel(
                     acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                                   stride_vb, stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag,
                                                   slope2, offs_d, qk_scale2, softcap, softcap2, phi2, window_left,
-                                                  window_right, 1, PAGED, PAGE_SIZE, BIG_OFFSETS, WIN_LEFT,
+                                                  window_right, 1, PAGED, PAGE_SIZE, WIN_LEFT,
                                                   WIN_RIGHT, HAS_ALIBI, HAS_SOFTCAP, False, HEADDIM == BLOCK_D,
                                                   HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, 1)
                     tl.store(FALLBACK + (split * tl.num_programs(0) + bh) * num_m_blocks + mb, 1)
@@ -326,9 +321,9 @@ def _split_kv_kernel(
                 acc, l_i, m_i = _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks,
                                               stride_vb, stride_vs, num_pages, lo, mid_lo, mid_hi, hi, diag, slope2,
                                               offs_d, qk_scale2, softcap, softcap2, phi2, window_left, window_right,
-                                              1, PAGED, PAGE_SIZE, BIG_OFFSETS, WIN_LEFT, WIN_RIGHT, HAS_ALIBI,
-                                              HAS_SOFTCAP, False, HEADDIM == BLOCK_D, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D,
-                                              DOT_PRECISION, NUM_STAGES)
+                                              1, PAGED, PAGE_SIZE, WIN_LEFT, WIN_RIGHT, HAS_ALIBI,
+                                              HAS_SOFTCAP, False, HEADDIM == BLOCK_D, HEADDIM, BLOCK_M, BLOCK_N,
+                                              BLOCK_D, DOT_PRECISION, NUM_STAGES)
 
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -649,7 +644,6 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         float(unified_max) * LOG2E if unified else 0.0, int(window_left), int(window_right),
         HAS_SEQLENS=seqlens_k is not None, VARLEN_Q=varlen, HAS_LEFTPAD=leftpad is not None,
         HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
-        BIG_OFFSETS=capacity * max(k.stride(1), v.stride(1)) >= 2**31,
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
         WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, HEADDIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device), NUM_STAGES=cfg["num_stages"],
