@@ -39,6 +39,7 @@ __all__ = [
     "pad_input",
     "unpad_input",
     "attention_ref",
+    "flash_attn_fa1_func",
     "register",
     "patch_gpt2",
     "patch_llama",
