@@ -5,13 +5,14 @@
 #
 #   benchmarks/gpu_run.sh [--quick] [--only STAGES] [--skip STAGES] [--deadline SECONDS] [OUT_DIR]
 #
-# STAGES: comma-separated from tests,check,kernels,decode,e2e (default: all). OUT_DIR defaults to
+# STAGES: comma-separated from tests,check,kernels,decode,e2e (the default) and distributed (2+ GPUs, only when
+# named: --only distributed on a multi-GPU machine). OUT_DIR defaults to
 # benchmarks/results. --quick passes --quick to the benchmarks (a few points, files named <name>_quick.*).
 # Test selection: PYTEST_ARGS (default "tests"), e.g. PYTEST_ARGS="tests/test_decode.py -k paged" (split on spaces).
-# Budgets (seconds) can be changed with BUDGET_TESTS, BUDGET_CHECK, BUDGET_KERNELS, BUDGET_DECODE, BUDGET_E2E.
+# Budgets (seconds): BUDGET_TESTS, BUDGET_CHECK, BUDGET_KERNELS, BUDGET_DECODE, BUDGET_E2E, BUDGET_DISTRIBUTED.
 set -uo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 QUICK=""
 ONLY="tests,check,kernels,decode,e2e"
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 for s in ${ONLY//,/ } ${SKIP//,/ }; do
-    case "$s" in tests|check|kernels|decode|e2e) ;; *) echo "gpu_run.sh: error: unknown stage '$s' (accepted: tests,check,kernels,decode,e2e)" >&2; exit 2 ;; esac
+    case "$s" in tests|check|kernels|decode|e2e|distributed) ;; *) echo "gpu_run.sh: error: unknown stage '$s' (accepted: tests,check,kernels,decode,e2e,distributed)" >&2; exit 2 ;; esac
 done
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,7 +45,8 @@ STAGES_TSV="$OUT_DIR/logs/stages.tsv"
 T0=$SECONDS
 
 declare -A BUDGET=([tests]="${BUDGET_TESTS:-240}" [check]="${BUDGET_CHECK:-60}" [kernels]="${BUDGET_KERNELS:-200}"
-                   [decode]="${BUDGET_DECODE:-90}" [e2e]="${BUDGET_E2E:-120}")
+                   [decode]="${BUDGET_DECODE:-90}" [e2e]="${BUDGET_E2E:-120}"
+                   [distributed]="${BUDGET_DISTRIBUTED:-500}")
 
 want() { [[ ",$ONLY," == *",$1,"* ]] && [[ ",$SKIP," != *",$1,"* ]]; }
 
@@ -103,7 +105,7 @@ if want tests; then
         --junitxml="$OUT_DIR/logs/pytest.xml" ${PYTEST_ARGS:-tests}
 fi
 want check && run_stage check python -m hf_flash check --device cuda
-for b in kernels decode e2e; do
+for b in kernels decode e2e distributed; do
     # shellcheck disable=SC2086
     want "$b" && run_stage "$b" python -m hf_flash bench "$b" --out "$OUT_DIR" $QUICK
 done
@@ -138,7 +140,7 @@ for line in open(os.path.join(out_dir, "logs", "stages.tsv")):
         if status != "ok" and log:
             detail = log[-1][:100]
     rows.append((name, status, f"{secs}s", detail))
-    if name in ("kernels", "decode", "e2e"):
+    if name in ("kernels", "decode", "e2e", "distributed"):
         path = os.path.join(out_dir, f"{name}{'_quick' if quick else ''}.json")
         if status == "ok" and os.path.exists(path):
             for label, value in json.load(open(path)).get("summary") or []:

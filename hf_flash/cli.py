@@ -10,7 +10,7 @@
     With no CUDA GPU it runs on the CPU through Triton's interpreter, setting ``TRITON_INTERPRET=1`` itself (in a
     child process when triton was already imported without it) and saying so.
 
-``hf-flash bench kernels|decode|e2e [--quick] [--out DIR]``
+``hf-flash bench kernels|decode|e2e|distributed [--quick] [--out DIR]``
     Runs ``hf_flash.bench.<name>.run(quick, out_dir)`` (CUDA only), which writes JSON and PNG files, then prints
     its table of ratios against PyTorch SDPA's backends.
 
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("kernels", "decode", "e2e")
+BENCHMARKS = ("kernels", "decode", "e2e", "distributed")
 _REEXEC_ENV = "_HF_FLASH_SET_INTERPRET"
 
 
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the output folder and print the ratios against PyTorch SDPA.")
     bench.add_argument("name", choices=BENCHMARKS, help="which benchmark: kernels (attention kernels, FA2 paper "
                                                         "grid and features), decode (split-KV decoding), e2e "
-                                                        "(HuggingFace models end to end)")
+                                                        "(HuggingFace models end to end), distributed (DDP/FSDP2 "
+                                                        "training, 2+ GPUs)")
     bench.add_argument("--quick", action="store_true",
                        help="a few points only (writes <name>_quick.json, never overwriting full results)")
     bench.add_argument("--out", metavar="DIR", default=None,

@@ -57,7 +57,7 @@ def test_subcommand_help(capsys, command):
     assert code == 0
     assert out.startswith(f"usage: hf-flash {command[0]}")
     if command[0] == "bench":
-        for name in ("kernels", "decode", "e2e", "--quick", "--out"):
+        for name in ("kernels", "decode", "e2e", "distributed", "--quick", "--out"):
             assert name in out
 
 
@@ -94,7 +94,7 @@ def test_bad_flags_exit_2_one_line(capsys, argv, fragment):
 
 def test_bench_without_gpu_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("kernels", "decode", "e2e"):
+    for name in cli.BENCHMARKS:
         code, out, err = run_main(capsys, "bench", name, "--quick")
         assert code == 2
         line = _one_line(err)
