@@ -5,7 +5,17 @@ Transformers as ``attn_implementation="flashtri"``.
 here.
 """
 
-from hf_flash.interface import (
+import os as _os
+
+# In a source checkout that was not installed (e.g. a copied tree on a GPU box), kernels/ and patches/ sit
+# beside hf_flash/ rather than inside it: let the subpackages hf_flash.kernels and hf_flash.patches resolve there.
+# Installed (wheel or editable), hf_flash/kernels exists or setuptools' finder maps it, and this does nothing.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
+        _os.path.join(_root, "kernels", "attention.py")):
+    __path__.append(_root)  # noqa: F821 - the package's own __path__
+
+from hf_flash.interface import (  # noqa: E402
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
