@@ -395,6 +395,9 @@ def cmd_bench(args) -> int:
         print()
     for path in (result.get("files") or []) if isinstance(result, dict) else []:
         print(f"wrote {path}")
+    if isinstance(result, dict) and result.get("interrupted"):
+        print(f"{prog}: interrupted; the files hold what was measured until then")
+        return 130
     return 0
 
 

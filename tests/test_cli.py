@@ -232,9 +232,9 @@ def test_default_out_dir(monkeypatch, tmp_path):
     assert cli._default_out_dir() == "hf_flash_results"
 
 
-def test_bench_kernels_plumbing_on_cpu(monkeypatch, tmp_path):
-    """Runs the whole kernel benchmark at toy sizes on the CPU, with SDPA stand-ins for hf_flash's kernels and a
-    wall-clock timer, so the tables, ratios, JSON and plots are exercised before the GPU run."""
+def _toy_kernel_bench(monkeypatch):
+    """The kernel benchmark module set up to run at toy sizes on the CPU, with SDPA stand-ins for hf_flash's
+    kernels and a wall-clock timer, so the tables, ratios, JSON and plots are exercised before the GPU run."""
     from hf_flash.bench import kernels as K
 
     def dense(q, k, v, causal=False, dropout_p=0.0, window_size=(-1, -1), attn_bias=None, **kw):
@@ -260,6 +260,11 @@ def test_bench_kernels_plumbing_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setitem(K.SIZES, "quick", {"headdims": (16,), "seqlens": (32, 64), "tokens": 128, "hidden": 32,
                                            "varlen": (3, 5, 40, 2, 16), "window": (128, 2, 16, (16,)),
                                            "dropout": (2, 32, 2, 16), "bias": (1, 32, 2, 16)})
+    return K
+
+
+def test_bench_kernels_plumbing_on_cpu(monkeypatch, tmp_path):
+    K = _toy_kernel_bench(monkeypatch)
     result = K.run(quick=True, out_dir=str(tmp_path))
     data = json.loads((tmp_path / "kernels_quick.json").read_text())
     assert (tmp_path / "kernels_quick.png").stat().st_size > 0
@@ -278,6 +283,20 @@ def test_bench_kernels_plumbing_on_cpu(monkeypatch, tmp_path):
         text = C.format_table(table)
         assert len(text.splitlines()) == len(table["rows"]) + 3
     assert result["summary"] and all(len(row) == 2 for row in result["summary"])
+
+
+def test_bench_kernels_interrupted_keeps_what_it_measured(monkeypatch, tmp_path):
+    K = _toy_kernel_bench(monkeypatch)
+
+    def budget_over(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(K, "_window", budget_over)
+    result = K.run(quick=True, out_dir=str(tmp_path))
+    data = json.loads((tmp_path / "kernels_quick.json").read_text())
+    assert data["interrupted"] is True and len(data["grid"]) == 32 and list(data["features"]) == ["varlen"]
+    assert any("interrupted" in value for _, value in result["summary"])
+    for table in result["table"]:
+        C.format_table(table)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

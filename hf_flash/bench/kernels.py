@@ -112,10 +112,10 @@ def _max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def _grid(sz, device, gen):
+def _grid(sz, device, gen, rows, accuracy):
+    """Appends to ``rows``/``accuracy`` as it goes, so an interrupted run keeps what it measured."""
     headdims, seqlens = sz["headdims"], sz["seqlens"]
     configs = [(d, s, causal) for d in headdims for s in seqlens for causal in (False, True)]
-    rows, accuracy = [], []
     bar = C.progress(configs, desc="kernels: paper grid")
     for d, s, causal in bar:
         h, b = sz["hidden"] // d, max(1, sz["tokens"] // s)
@@ -141,7 +141,6 @@ def _grid(sz, device, gen):
                              "max_abs_diff_vs_sdpa_flash": _max_diff(outs.get(impl), outs.get("sdpa_flash"))})
         del q, k, v, dout, outs
         torch.cuda.empty_cache()
-    return rows, accuracy
 
 
 def _ratio_rows(rows):
@@ -312,26 +311,27 @@ def _tables(ratios, features, sz):
                       r["tflops"]["hf_flash_fa1"], r["tflops"]["sdpa_flash"], r["tflops"]["sdpa_cudnn"],
                       r["fa2_vs_sdpa_flash"], r["fa1_vs_sdpa_flash"], r["cudnn_vs_sdpa_flash"]] for r in ratios]}
     rows = []
-    vl = features["varlen"]
-    for mode in MODES:
+    vl = features.get("varlen")
+    for mode in MODES if vl else ():
         rows.append([f"varlen {mode} ({len(vl['lengths'])} seqs, {vl['padding_waste']:.0%} padding)",
                      vl[f"varlen_{mode}_ms"], vl[f"padded_dense_{mode}_ms"],
                      vl[f"speedup_vs_padded_dense_{mode}"], "vs padded hf_flash"])
         rows.append([f"varlen {mode}", vl[f"varlen_{mode}_ms"], vl[f"sdpa_padded_masked_{mode}_ms"],
                      vl[f"speedup_vs_sdpa_padded_{mode}"], "vs SDPA padded+mask"])
-    wd = features["window"]
-    full = wd["points"][0]
+    wd = features.get("window", {"points": []})
+    full = wd["points"][0] if wd["points"] else None
     for p in wd["points"][1:]:
         for mode in MODES:
             rows.append([f"window {p['window']} / full causal, {wd['seqlen']}, {mode}", p[f"{mode}_ms"], full[f"{mode}_ms"],
                          p[f"{mode}_time_ratio_to_full"],
                          f"time ratio (FLOP ratio {_fmt(p[f'{mode}_flop_ratio_to_full'])}, scales: "
                          f"{p[f'{mode}_scales_with_window']})"])
-    dr = features["dropout"]
-    rows.append(["dropout 0.1 fwd+bwd", dr["hf_flash_p0.1_fwd_bwd_ms"], dr["sdpa_flash_p0.1_fwd_bwd_ms"],
-                 dr["ratio_vs_sdpa_fwd_bwd"], "vs SDPA flash with dropout"])
-    bs = features["bias"]
-    for tag, what in (("bias", "float bias fwd+bwd"), ("bias_grad", "float bias + dbias fwd+bwd")):
+    dr = features.get("dropout")
+    if dr:
+        rows.append(["dropout 0.1 fwd+bwd", dr["hf_flash_p0.1_fwd_bwd_ms"], dr["sdpa_flash_p0.1_fwd_bwd_ms"],
+                     dr["ratio_vs_sdpa_fwd_bwd"], "vs SDPA flash with dropout"])
+    bs = features.get("bias")
+    for tag, what in (("bias", "float bias fwd+bwd"), ("bias_grad", "float bias + dbias fwd+bwd")) if bs else ():
         rows.append([what, bs[f"hf_flash_{tag}_fwd_bwd_ms"], bs[f"sdpa_{tag}_fwd_bwd_ms"],
                      bs[f"ratio_vs_sdpa_{tag}_fwd_bwd"], "vs SDPA with the same float mask"])
     feat = {"title": "Features (bf16): hf_flash ms, other ms, ratio other/hf_flash (> 1: hf_flash faster; "
@@ -351,6 +351,9 @@ def _summary(ratios, features):
          ["kernels: FA2/SDPA-FA fwd+bwd (s>=2k)", stat("fa2_vs_sdpa_flash", "fwd_bwd")],
          ["kernels: FA1/SDPA-FA fwd (s>=2k)", stat("fa1_vs_sdpa_flash", "fwd")],
          ["kernels: cuDNN/SDPA-FA fwd (s>=2k)", stat("cudnn_vs_sdpa_flash", "fwd")]]
+    if set(features) != {"varlen", "window", "dropout", "bias"}:
+        s.append(["kernels: features", f"only {', '.join(features) or 'none'} measured (interrupted)"])
+        return s
     vl, dr, bs = features["varlen"], features["dropout"], features["bias"]
     s.append(["kernels: varlen speedup fwd+bwd vs padded / vs SDPA",
               f"{_fmt(vl['speedup_vs_padded_dense_fwd_bwd'])} / {_fmt(vl['speedup_vs_sdpa_padded_fwd_bwd'])}"])
@@ -387,6 +390,8 @@ def _plots(ratios, features, env, quick, out_dir):
                          ncols=2 * len(headdims))
     if path:
         files.append(path)
+    if set(features) != {"varlen", "window", "dropout", "bias"}:
+        return files
     vl, dr, bs = features["varlen"], features["dropout"], features["bias"]
     labels = ["varlen vs padded", "varlen vs SDPA pad", "dropout vs SDPA", "bias vs SDPA", "bias+dbias vs SDPA"]
     vals = [vl["speedup_vs_padded_dense_fwd_bwd"], vl["speedup_vs_sdpa_padded_fwd_bwd"], dr["ratio_vs_sdpa_fwd_bwd"],
@@ -412,13 +417,17 @@ def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
     env = C.env_info()
     gen = torch.Generator(device=device).manual_seed(0)
     sz = SIZES["quick" if quick else "full"]
-    rows, accuracy = _grid(sz, device, gen)
+    rows, accuracy, features = [], [], {}
+    interrupted = False
+    try:
+        _grid(sz, device, gen, rows, accuracy)
+        for name, fn in C.progress((("varlen", _varlen), ("window", _window), ("dropout", _dropout),
+                                    ("bias", _bias)), desc="kernels: features", total=4):
+            features[name] = fn(sz, device, gen)
+            torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # e.g. the time budget of gpu_run.sh (SIGINT): keep what was measured
+        interrupted = True
     ratios = _ratio_rows(rows)
-    features = {}
-    for name, fn in C.progress((("varlen", _varlen), ("window", _window), ("dropout", _dropout), ("bias", _bias)),
-                               desc="kernels: features", total=4):
-        features[name] = fn(sz, device, gen)
-        torch.cuda.empty_cache()
     result = {
         "benchmark": "kernels",
         "quick": quick,
@@ -432,6 +441,7 @@ def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
         "ratios": ratios,
         "accuracy": accuracy,
         "features": features,
+        "interrupted": interrupted,
     }
     result["table"] = _tables(ratios, features, sz)
     result["summary"] = _summary(ratios, features)
