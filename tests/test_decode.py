@@ -14,12 +14,17 @@ import torch
 
 import hf_flash
 from hf_flash import flash_attn_varlen_func, flash_attn_with_kvcache
+from hf_flash._validate import interpreter_enabled
 from hf_flash.kernels import decode as D
 from hf_flash.kvcache import num_splits_heuristic, split_kv_attention
 from hf_flash.reference import attention_ref
 
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+INTERP = interpreter_enabled()
+# CPU cases run through Triton's interpreter; without it (a GPU run) only the CUDA cases run
+DEVICES = (["cpu"] if INTERP else []) + (["cuda"] if CUDA else [])
+BASE = "cpu" if INTERP or not CUDA else "cuda"  # device of the small, unparametrized tests
+pytestmark = pytest.mark.skipif(not (INTERP or CUDA), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 LOW = torch.bfloat16
 
 
@@ -392,9 +397,9 @@ def test_device_lengths_past_capacity_are_clamped():
     """Lengths on the device beyond the capacity, page indices outside the cache and cache rows out of range
     never make a kernel read or write out of bounds (the host cannot check them without a sync)."""
     g = torch.Generator().manual_seed(2)
-    k, v = make_cache("cpu", 2, 20, 1, 16, torch.float32, g)
-    q = torch.randn(2, 1, 2, 16, generator=g)
-    seqlens = torch.tensor([500, 20], dtype=torch.int32)
+    k, v = make_cache(BASE, 2, 20, 1, 16, torch.float32, g)
+    q = torch.randn(2, 1, 2, 16, generator=g).to(BASE)
+    seqlens = torch.tensor([500, 20], dtype=torch.int32, device=BASE)
     out = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=2)
     ref, ref_lo, _ = ref_cache_attention(q, k, v, [20, 20])
     check_out(out, ref, ref_lo)
@@ -406,8 +411,9 @@ def test_device_lengths_past_capacity_are_clamped():
     assert torch.isfinite(out).all()
     # new tokens past the capacity are not written
     kc, vc = k.clone(), v.clone()
-    knew = torch.randn(2, 2, 1, 16, generator=g)
-    flash_attn_with_kvcache(q, kc, vc, knew, knew, cache_seqlens=torch.tensor([19, 30], dtype=torch.int32))
+    knew = torch.randn(2, 2, 1, 16, generator=g).to(BASE)
+    flash_attn_with_kvcache(q, kc, vc, knew, knew, cache_seqlens=torch.tensor([19, 30], dtype=torch.int32,
+                                                                              device=BASE))
     assert torch.equal(kc[0, 19], knew[0, 0]) and torch.equal(kc[1], k[1]) and torch.equal(kc[0, :19], k[0, :19])
 
 
@@ -453,6 +459,7 @@ def _bad_case(name):
     }
     kwargs = dict(q=q, k_cache=k, v_cache=v)
     kwargs.update(cases[name][0])
+    kwargs = {n: t.to(BASE) if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
     return kwargs, cases[name][1]
 
 
@@ -471,10 +478,10 @@ def test_bad_inputs(case):
 
 
 def test_varlen_paged_bad_inputs():
-    q = torch.randn(5, 4, 16)
-    k, v = make_cache("cpu", 2, 12, 2, 16, torch.float32)
+    q = torch.randn(5, 4, 16, device=BASE)
+    k, v = make_cache(BASE, 2, 12, 2, 16, torch.float32)
     kp, bt = paginate(k, 4)
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=BASE)
     with pytest.raises(ValueError, match="block_table"):
         flash_attn_varlen_func(q, kp, kp, cu, cu, 3, 13, block_table=bt)
     with pytest.raises(ValueError, match="block_table"):
