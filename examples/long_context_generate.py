@@ -1,5 +1,5 @@
 """Generate from a long prompt with ``attn_implementation="flashtri"`` and compare with ``"sdpa"``: prefill time,
-decode tokens/s, peak GPU memory, and whether the greedy tokens agree.
+decode tokens/s, peak GPU memory (prefill and decode), and whether the greedy tokens agree.
 
 The prompt runs through the FlashAttention-2 kernel (memory linear in the prompt length); each new token runs
 the split-KV (Flash-Decoding) kernel directly on the KV cache. Both implementations load the same checkpoint and
@@ -102,6 +102,7 @@ class StepClock(LogitsProcessor):
 def run(path: str, impl: str, prompt: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> dict:
     device = "cuda" if ON_GPU else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=dtype).to(device).eval()
+    weights = torch.cuda.memory_allocated() if ON_GPU else 0
     kw = dict(do_sample=False, use_cache=True, pad_token_id=model.config.pad_token_id,
               attention_mask=torch.ones_like(prompt))
     try:
@@ -126,6 +127,7 @@ def run(path: str, impl: str, prompt: torch.Tensor, new_tokens: int, dtype: torc
            "fa2_launches": flash_kernels.launches["fwd"] - launches[0],
            "decode_launches": decode_launches() - launches[1]}
     if ON_GPU:
+        res["weights_gib"] = weights / 2 ** 30
         res["prefill_peak_gib"] = clock.prefill_peak / 2 ** 30
         res["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     del model, out
@@ -167,6 +169,9 @@ def main(argv=None) -> None:
             line += f"{r['prefill_peak_gib']:>11.2f} GiB{r['decode_peak_gib']:>10.2f} GiB"
         print(line)
     ok = [r for r in results if "error" not in r]
+    if ON_GPU and ok:
+        print(f"peak = torch.cuda.max_memory_allocated during prefill / during decode, model weights "
+              f"({ok[0]['weights_gib']:.2f} GiB) included")
     fl = next((r for r in ok if r["impl"] == "flashtri"), None)
     if fl is not None:
         print(f"flashtri kernel launches: FA2 forward {fl['fa2_launches']} (prefill), split-KV decode "
