@@ -10,7 +10,7 @@ time of each phase.
 
 Sizes and precision:
 
-* CUDA GPU: models of a few tens of millions of parameters, sequences of 1-2k tokens, bf16 autocast training
+* CUDA GPU: models of ~50M (GPT-2) and ~110M (Llama) parameters, batches of 8x1024 tokens, bf16 autocast training
   (fp32 master weights) and bf16 generation. The loss limit scales itself: 3x the largest per-step difference
   between "sdpa" in bf16 and "sdpa" in float32 (a third, untimed run), plus 1e-3. Both implementations are
   warmed up before they are timed (Triton compiles each kernel on first use).
