@@ -21,7 +21,8 @@ Runs, each in fresh processes, for "flashtri" and for "sdpa":
 
 Measured per run: per-step loss (mean over the global batch), tokens/s per GPU (global tokens per step / GPUs /
 median step time), peak memory per GPU during the timed steps (max over GPUs) and that peak minus the memory
-held between steps (weights, optimizer state: what the step itself adds).
+held between steps (weights, optimizer state: what the step itself adds), as counted by PyTorch's
+allocator (NCCL buffers and the CUDA context are not included).
 
 Checks and ratios, in ``distributed.json``:
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -195,11 +197,15 @@ def _launch(strategy: str, impl: str, world: int, sz: dict, out_file: str, log_d
         if strategy == "fsdp":
             env.update(FSDP_ENV)
     log = os.path.join(log_dir, f"distributed_{strategy}_{impl}.log")
-    try:
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=sz["timeout"])
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {sz['timeout']}s (log: {log})"
+    with open(log, "w") as f:
+        # own process group: on a timeout the launcher and its workers are killed together
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=sz["timeout"])
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None, f"timed out after {sz['timeout']}s (log: {log})"
     if proc.returncode != 0 or not os.path.exists(out_file):
         tail = open(log).read().strip().splitlines()
         errs = [l for l in tail if "Error" in l or "error" in l]
