@@ -40,6 +40,7 @@ written after every run, so an interrupted benchmark keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -97,7 +98,11 @@ def _worker(argv) -> None:
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shape", choices=("llama3-8b", "tiny"), default="llama3-8b")
+    p.add_argument("--hang-timeout", type=float, default=None,
+                   help="seconds after which a hung process prints every thread's stack and exits")
     a = p.parse_args(argv)
+    if a.hang_timeout:
+        faulthandler.dump_traceback_later(a.hang_timeout, exit=True)
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -184,7 +189,7 @@ def _launch(strategy: str, impl: str, world: int, sz: dict, out_file: str, log_d
     worker = ["-m", "hf_flash.bench.distributed", "--worker", "--impl", impl, "--strategy", strategy,
               "--world", str(world), "--layers", str(sz["layers"]), "--seq-len", str(sz["seq_len"]),
               "--rows", str(sz["rows"]), "--steps", str(sz["steps"]), "--warmup", str(sz["warmup"]),
-              "--out", out_file]
+              "--out", out_file, "--hang-timeout", str(sz["timeout"] - 20)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FSDP_", "ACCELERATE_"))}
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("OMP_NUM_THREADS", "4")
@@ -198,13 +203,18 @@ def _launch(strategy: str, impl: str, world: int, sz: dict, out_file: str, log_d
             env.update(FSDP_ENV)
     log = os.path.join(log_dir, f"distributed_{strategy}_{impl}.log")
     with open(log, "w") as f:
-        # own process group: on a timeout the launcher and its workers are killed together
+        # own process group, so that a timeout can stop the launcher (and through it the workers)
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=sz["timeout"])
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # SIGTERM first: torch.distributed.run then stops its workers (they run in sessions of their own)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             return None, f"timed out after {sz['timeout']}s (log: {log})"
     if proc.returncode != 0 or not os.path.exists(out_file):
         tail = open(log).read().strip().splitlines()
