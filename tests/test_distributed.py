@@ -2,8 +2,8 @@
 
 Each test starts 2 processes with the environment ``torch.distributed.run`` gives its workers (rendezvous on
 127.0.0.1, a free port), where an ``accelerate.Accelerator`` prepares a tiny random Llama loaded with
-"flashtri", an SGD optimizer and a DataLoader (accelerate shards the global batch of 4 padded rows, 2 rows per process). Every process takes one
-step and saves its gradients, the rows it saw, its loss and the kernel launch counts. The test then runs the
+"flashtri", an SGD optimizer and a DataLoader (accelerate shards the global batch of 4 padded rows, 2 rows per
+process). Every process takes one step and saves its gradients, the rows it saw, its loss and the kernel launch counts. The test then runs the
 same step in this process on the whole global batch and asserts:
 
 * the two processes saw disjoint halves of the global batch;

@@ -185,7 +185,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(strategy: str, impl: str, world: int, sz: dict, out_file: str, log_dir: str) -> tuple[dict | None, str | None]:
+def _launch(strategy: str, impl: str, world: int, sz: dict, out_file: str,
+            log_dir: str) -> tuple[dict | None, str | None]:
     worker = ["-m", "hf_flash.bench.distributed", "--worker", "--impl", impl, "--strategy", strategy,
               "--world", str(world), "--layers", str(sz["layers"]), "--seq-len", str(sz["seq_len"]),
               "--rows", str(sz["rows"]), "--steps", str(sz["steps"]), "--warmup", str(sz["warmup"]),
@@ -313,7 +314,8 @@ def _compare(runs) -> dict:
         if strategy != "single":
             for impl in IMPLS:
                 ratios[strategy][f"scaling_efficiency_{impl}"] = C.ratio(
-                    _get(runs, strategy, impl, "tokens_per_s_per_gpu"), _get(runs, "single", impl, "tokens_per_s_per_gpu"))
+                    _get(runs, strategy, impl, "tokens_per_s_per_gpu"),
+                    _get(runs, "single", impl, "tokens_per_s_per_gpu"))
     return {"checks": checks, "ratios": ratios}
 
 
