@@ -3,8 +3,8 @@
 Each test starts 2 processes with the environment ``torch.distributed.run`` gives its workers (rendezvous on
 127.0.0.1, a free port), where an ``accelerate.Accelerator`` prepares a tiny random Llama loaded with
 "flashtri", an SGD optimizer and a DataLoader (accelerate shards the global batch of 4 padded rows, 2 rows per
-process). Every process takes one step and saves its gradients, the rows it saw, its loss and the kernel launch counts. The test then runs the
-same step in this process on the whole global batch and asserts:
+process). Every process takes one step and saves its gradients, the rows it saw, its loss and the kernel launch
+counts. The test then runs the same step in this process on the whole global batch and asserts:
 
 * the two processes saw disjoint halves of the global batch;
 * the gradients of every parameter (all-reduced by DDP, reduce-scattered by FSDP2 and gathered back here) equal
