@@ -38,6 +38,7 @@ from hf_flash.kernels._common import (
     score_mod,
 )
 from hf_flash.kernels import configs
+from hf_flash.kernels.configs import cdiv
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
 launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dq": 0, "bwd_dbias": 0}
@@ -671,7 +672,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     bias_t, bias_type, bias_strides = _bias_args(bias)
     alibi_t, stride_ab = _alibi_args(alibi_slopes, q)
     cfg = configs.fwd_config(head_dim, q.dtype, q.device, max_seqlen_q, max_seqlen_k)
-    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), batch * nheads)
+    grid = (cdiv(max_seqlen_q, cfg.block_m), batch * nheads)
     _fwd_kernel[grid](
         q, k, v, out, lse, _or(bias_t, lse), _or(alibi_t, lse), _or(rng, lse), _or(cu_seqlens_q, lse),
         _or(cu_seqlens_k, lse),
@@ -734,7 +735,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     delta = torch.empty_like(lse)
     lse_strides = _lse_strides(lse, varlen)
     bias_t, alibi_t, rng, cu_q, cu_k = (_or(t, lse) for t in (bias_t, alibi_t, rng, cu_seqlens_q, cu_seqlens_k))
-    _bwd_preprocess[(triton.cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
+    _bwd_preprocess[(cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
         out, dout, delta, cu_q, *_Layout(out, varlen).strides(), *_Layout(dout, varlen).strides(),
         *lse_strides, nheads, max_seqlen_q, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_D=block_d, IS_VARLEN=varlen)
     common = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, IS_VARLEN=varlen,
@@ -743,13 +744,13 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                   num_stages=cfg.num_stages)
     scale_arg = _scale_arg(softmax_scale, softcap)
     ql, kl, vl, dol = (_Layout(t, varlen).strides() for t in (q, k, v, dout))
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg.block_n), batch * nheads_k)](
+    _bwd_dkdv_kernel[(cdiv(max_seqlen_k, cfg.block_n), batch * nheads_k)](
         q, k, v, dout, lse, delta, dk, dv, bias_t, alibi_t, rng, cu_q, cu_k,
         *ql, *kl, *vl, *dol, *_Layout(dk, varlen).strides(), *_Layout(dv, varlen).strides(), *lse_strides,
         *bias_strides, stride_ab, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, scale_arg, softmax_scale,
         softcap, dropout_p, left, right, **common)
     launches["bwd_dkdv"] += 1
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
+    _bwd_dq_kernel[(cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
         q, k, v, dout, lse, delta, dq, bias_t, _or(dbias_buf, lse), alibi_t, rng, cu_q, cu_k,
         *ql, *kl, *vl, *dol, *_Layout(dq, varlen).strides(), *lse_strides, *bias_strides, *dbias_strides, stride_ab,
         nheads, group, max_seqlen_q, max_seqlen_k, scale_arg, softmax_scale, softcap, dropout_p, left, right,
@@ -758,7 +759,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if bias_needs_grad and reduce and deterministic:
         bias_batch, bias_heads, bias_rows = bias.shape[0], bias.shape[1], bias.shape[2]
         row_bcast = bias_rows < max_seqlen_q
-        grid = (1 if row_bcast else triton.cdiv(max_seqlen_q, cfg.block_m), triton.cdiv(max_seqlen_k, cfg.block_n),
+        grid = (1 if row_bcast else cdiv(max_seqlen_q, cfg.block_m), cdiv(max_seqlen_k, cfg.block_n),
                 bias_batch * bias_heads)
         _bwd_dbias_kernel[grid](
             q, k, v, dout, lse, delta, bias_t, dbias_buf, alibi_t, rng, cu_q, cu_k,
@@ -774,7 +775,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 def dropout_keep_mask(rng, dropout_p, batch, nheads, seqlen_q, seqlen_k):
     out = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=rng.device)
     block = 32
-    grid = (triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * nheads)
+    grid = (cdiv(seqlen_q, block), cdiv(seqlen_k, block), batch * nheads)
     _dropout_mask_kernel[grid](out, rng, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, seqlen_k,
                                dropout_p, BLOCK_M=block, BLOCK_N=block)
     return out.bool()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import triton
 
 
 @dataclass(frozen=True)
@@ -25,9 +24,19 @@ class Config:
     num_stages: int
 
 
+def cdiv(a: int, b: int) -> int:
+    # plain integer maths on the host: triton.cdiv is a jit function whose host call costs tens of microseconds,
+    # which a decode step pays per layer
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Head dims are padded to a power of two (at least 16, the tensor-core minimum) inside the kernels."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_pow2(head_dim))
 
 
 def _override(var: str):

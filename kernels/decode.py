@@ -36,10 +36,13 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from hf_flash.kernels.configs import cdiv, next_pow2
 
 from hf_flash.kernels._common import mma, tanh_f32
 
@@ -492,6 +495,7 @@ def num_sms(device: torch.device) -> int:
     return 16
 
 
+@functools.lru_cache(maxsize=4096)
 def num_splits_heuristic(batch: int, nheads_k: int, seqlen_k_upper: int, num_sms: int, m_blocks: int = 1,
                          block_n: int = 64, programs_per_sm: int = 2, min_blocks_per_split: int = 2,
                          max_splits: int = 128) -> int:
@@ -522,15 +526,16 @@ def num_splits_heuristic(batch: int, nheads_k: int, seqlen_k_upper: int, num_sms
     return 1
 
 
+@functools.lru_cache(maxsize=1024)
 def decode_config(headdim: int, rows: int, device: torch.device, block_m: int | None = None) -> dict:
     """Tile sizes and launch options for the split-KV kernel.
 
     ``rows`` = query rows per (sequence, KV head) = group * seqlen_q: the tile takes them padded to 16 (the
     tensor-core minimum), up to 64; more rows make more tiles. ``block_m`` overrides (benchmarks).
     """
-    block_d = max(16, triton.next_power_of_2(headdim))
+    block_d = max(16, next_pow2(headdim))
     if block_m is None:
-        block_m = min(64, max(16, triton.next_power_of_2(max(rows, 1))))
+        block_m = min(64, max(16, next_pow2(max(rows, 1))))
     if device.type != "cuda":
         return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
     block_n = 64 if block_d <= 128 else 32
@@ -585,12 +590,16 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         capacity = min(capacity, int(seqlen_k_upper))
     rows = group * seqlen_q
     cfg = decode_config(d, rows, q.device, block_m)
+    override = os.environ.get("HF_FLASH_DECODE_CONFIG")  # "BLOCK_N,num_warps,num_stages", for tuning sweeps
+    if override and q.is_cuda:
+        bn, nw, ns = (int(x) for x in override.split(","))
+        cfg = dict(cfg, BLOCK_N=bn, num_warps=nw, num_stages=ns)
     BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    m_blocks = max(1, triton.cdiv(rows, BLOCK_M))
+    m_blocks = max(1, cdiv(rows, BLOCK_M))
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch, nheads_k, capacity, num_sms(q.device), m_blocks, BLOCK_N)
-    n_blocks = max(1, triton.cdiv(capacity, BLOCK_N))
-    chunk = triton.cdiv(n_blocks, num_splits) * BLOCK_N
+    n_blocks = max(1, cdiv(capacity, BLOCK_N))
+    chunk = cdiv(n_blocks, num_splits) * BLOCK_N
 
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -652,12 +661,12 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
     if split:
         block_r = 16
-        _combine_kernel[(batch * nheads_k, triton.cdiv(rows_pad, block_r))](
+        _combine_kernel[(batch * nheads_k, cdiv(rows_pad, block_r))](
             o_part, lse_part, out, lse, cu_seqlens_q if varlen else dummy,
             sob, sot, soh, slb, slh, slt,
             num_splits, nheads_k, group, seqlen_q, rows_pad,
             VARLEN_Q=varlen, HEADDIM=d, BLOCK_R=block_r, BLOCK_D=BLOCK_D,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4 if q.is_cuda else 1,
+            BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4 if q.is_cuda else 1,
         )
         LAUNCHES["combine"] += 1
     return out, lse
@@ -700,7 +709,7 @@ def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=No
         rotary_cos.shape[0] if rotary_dim > 0 else 1, k_cache.shape[0],
         ROTARY_DIM=rotary_dim, INTERLEAVED=bool(rotary_interleaved), Q_POS_PER_TOKEN=bool(q_pos_per_token),
         HAS_NEW=has_new, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size, HEADDIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=1,
+        BLOCK_D=max(16, next_pow2(d)), num_warps=1,
     )
     LAUNCHES["append_rotary" if rotary_dim > 0 else "append"] += 1
     return q_rot

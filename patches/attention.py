@@ -127,6 +127,11 @@ def _packed_from_position_ids(position_ids, batch: int, seqlen: int):
     return packed
 
 
+# The lengths derived from the last decode step's mask: every layer of a step gets the same mask tensor, so the
+# few small device ops are done once per step, not once per layer.
+_last_lengths: list = [None, None, None]
+
+
 def _decode_lengths(mask: torch.Tensor | None):
     """(cache_seqlens, cache_leftpad) for a cache whose valid tokens are [leftpad, seqlen) per sequence.
 
@@ -134,10 +139,16 @@ def _decode_lengths(mask: torch.Tensor | None):
     """
     if mask is None:
         return None, None
+    ref, version, lengths = _last_lengths
+    if ref is not None and ref() is mask and version == mask._version and not torch.compiler.is_compiling():
+        return lengths
     m = mask.to(torch.bool)
     count = m.sum(-1, dtype=torch.int32)
     first = m.to(torch.int8).argmax(-1).to(torch.int32)  # index of the first valid slot (0 for an empty row)
-    return first + count, first
+    lengths = (first + count, first)
+    if not torch.compiler.is_compiling():
+        _last_lengths[:] = [weakref.ref(mask), mask._version, lengths]
+    return lengths
 
 
 def _use_decode(plan, q, k, mask, dropout, sliding_window) -> bool:

@@ -1,0 +1,65 @@
+"""Sweep the split-KV decode kernel's BLOCK_N / warps / stages and split counts on the GPU for batch-1 decode
+shapes (32 query heads, 8 or 32 KV heads, head dim 128, bf16), timing CUDA-graph replays; prints KV TB/s.
+
+    python benchmarks/tune_decode.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+from hf_flash.kernels import decode
+
+
+def kv_tbs(batch, seqlen, hq, hk, d, splits, cfg):
+    q = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, seqlen, hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    os.environ["HF_FLASH_DECODE_CONFIG"] = cfg
+    try:
+        fn = lambda: decode.split_kv_forward(q, k, v, softmax_scale=d ** -0.5, num_splits=splits)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        ms = triton.testing.do_bench(g.replay, warmup=20, rep=80, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+        print("  fail", cfg, splits, type(e).__name__, str(e)[:80])
+        return float("nan")
+    finally:
+        os.environ.pop("HF_FLASH_DECODE_CONFIG", None)
+    return 2 * k.numel() * k.element_size() / ms / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for seqlen, hk in ((4096, 8), (16384, 8), (65536, 32)):
+        heur = decode.num_splits_heuristic(1, hk, seqlen, sms, 1, 64)
+        best = (0, None)
+        for cfg in ("64,4,3", "64,4,4", "128,4,3", "128,8,3"):
+            for splits in sorted({heur, 2 * heur, max(1, heur // 2)}):
+                tbs = kv_tbs(1, seqlen, 32, hk, 128, splits, cfg)
+                rows.append(dict(seqlen=seqlen, hk=hk, cfg=cfg, splits=splits, heuristic=heur, tbs=tbs))
+                print(f"32/{hk} {seqlen:>6} cfg {cfg:>8} splits {splits:>4} (heur {heur}): {tbs:.2f} TB/s",
+                      flush=True)
+                if tbs > best[0]:
+                    best = (tbs, (cfg, splits))
+        print(f"best 32/{hk} {seqlen}: {best}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
