@@ -7,11 +7,15 @@ and CUDNN_ATTENTION backends, and print TFLOP/s. Its winners go into kernels/con
 from __future__ import annotations
 
 import argparse
+import sys
 import itertools
 import json
 import os
 
-import torch
+# run from a checkout without installing: the repository root makes hf_flash importable
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel

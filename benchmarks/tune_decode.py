@@ -7,10 +7,14 @@ shapes (32 query heads, 8 or 32 KV heads, head dim 128, bf16), timing CUDA-graph
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import os
 
-import torch
+# run from a checkout without installing: the repository root makes hf_flash importable
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
 import triton
 
 from hf_flash.kernels import decode
