@@ -38,7 +38,7 @@ from hf_flash import interface as _iface
 from hf_flash import kvcache as _kvcache
 from hf_flash import padding as _padding
 
-__all__ = ["flashtri_attention_forward", "LayerPlan", "plan_for", "DECODE_MAX_QUERY"]
+__all__ = ["flashtri_attention_forward", "LayerPlan", "plan_for", "DECODE_MAX_QUERY", "make_flashtri_attention_mask"]
 
 # Longest query (new tokens per sequence) sent to the split-KV decode kernel; flash_attn_with_kvcache supports
 # up to 16 (speculative decoding, chunked steps). Longer queries are prefill work for the FA2 kernel.
@@ -60,6 +60,33 @@ class LayerPlan:
 
 
 GENERIC = LayerPlan()
+
+# Model types whose attention modules get a plan with ``decode_with_cache`` (patches/gpt2.py, patches/llama.py).
+DECODE_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
+
+
+def make_flashtri_attention_mask(flash_attention_mask):
+    """The mask function for "flashtri": transformers' ``flash_attention_mask`` (None when nothing is padded, else
+    the 2-D mask), except in decode steps of ``DECODE_MODEL_TYPES``.
+
+    ``flash_attention_mask`` decides "nothing is padded" with ``attention_mask.all()`` on the host: a
+    synchronisation at every generated token that stops the CPU from queueing the next step while the GPU runs
+    this one. In a decode step of these families the 2-D mask goes to the split-KV path unchecked instead; it
+    becomes ``cache_seqlens`` / ``cache_leftpad`` on the device (``_decode_lengths``), so a mask with no padding
+    costs a few tiny kernels once per step and no synchronisation.
+    """
+
+    def flashtri_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                                attention_mask=None, config=None, **kwargs):
+        if (attention_mask is not None and attention_mask.dim() == 2 and q_length <= DECODE_MAX_QUERY
+                and kv_length > q_length and getattr(config, "model_type", None) in DECODE_MODEL_TYPES):
+            return attention_mask[:, -kv_length:]
+        extra = {} if mask_function is None else {"mask_function": mask_function}
+        return flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                    q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
+                                    config=config, **extra, **kwargs)
+
+    return flashtri_attention_mask
 
 _logged: set[str] = set()
 

@@ -5,8 +5,10 @@ What it does, each step idempotent:
 
 1. ``AttentionInterface.register("flashtri", flashtri_attention_forward)``: models built on the attention
    interface call hf_flash's attention function (:mod:`hf_flash.patches.attention`).
-2. ``AttentionMaskInterface.register("flashtri", flash_attention_mask)``: the mask machinery hands "flashtri" the
-   2-D padding mask (or ``None``) as it does for FlashAttention. Without this entry ``create_causal_mask`` returns
+2. ``AttentionMaskInterface.register("flashtri", ...)``: the mask machinery hands "flashtri" the 2-D padding mask
+   (or ``None``) as it does for FlashAttention (transformers' ``flash_attention_mask``), except in decode steps of
+   the families whose decode path reads the mask on the device, where the mask is handed over unchecked (see
+   ``make_flashtri_attention_mask``). Without this entry ``create_causal_mask`` returns
    ``None`` for an unknown name and padding is silently lost.
 3. transformers treats every implementation whose name contains "flash" as a FlashAttention flavour
    (``is_flash_attention_requested`` tests the substring); ``from_pretrained`` then preloads it through
@@ -117,7 +119,9 @@ def register() -> None:
     from hf_flash.patches.attention import flashtri_attention_forward
 
     AttentionInterface.register(NAME, flashtri_attention_forward)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    from hf_flash.patches.attention import make_flashtri_attention_mask
+
+    AttentionMaskInterface.register(NAME, make_flashtri_attention_mask(flash_attention_mask))
     if not hasattr(mfau._lazy_imports, "_hf_flash_original"):
         mfau._lazy_imports = _wrap_lazy_imports(mfau._lazy_imports)
     _registered = True

@@ -181,3 +181,21 @@ def test_static_cache_compiled_decode_matches_eager(models):
     finally:
         del fl.forward
     assert torch.equal(got, want)
+
+
+def test_decode_mask_is_handed_over_without_a_host_check():
+    """Decode steps of the Llama/GPT-2 families get the 2-D mask as it is (no `.all()` sync on the host); prefill
+    and other models keep transformers' FlashAttention mask (None when nothing is padded)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from hf_flash.patches.attention import DECODE_MODEL_TYPES
+
+    fn = ALL_MASK_ATTENTION_FUNCTIONS["flashtri"]
+    ones = torch.ones(2, 40, dtype=torch.bool)
+    llama = transformers.LlamaConfig()
+    assert "llama" in DECODE_MODEL_TYPES
+    decode = fn(batch_size=2, q_length=1, kv_length=40, attention_mask=ones, config=llama)
+    assert decode is not None and decode.shape == (2, 40)
+    assert fn(batch_size=2, q_length=40, kv_length=40, attention_mask=ones, config=llama) is None  # prefill
+    other = transformers.BertConfig()
+    assert fn(batch_size=2, q_length=1, kv_length=40, attention_mask=ones, config=other) is None
