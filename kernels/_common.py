@@ -49,6 +49,36 @@ def dropout_keep(seed, offset, bh, rows, cols, dropout_p):
 
 
 @triton.jit
+def seq_bounds(CuQ, CuK, b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence ``b``: read from cu_seqlens (varlen) or the dense
+    lengths with start 0."""
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = tl.full([], 0, tl.int32)
+        seqlen_q = seqlen_q_arg + q_start
+        k_start = tl.full([], 0, tl.int32)
+        seqlen_k = seqlen_k_arg + k_start
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def load_bias_tile(ptrs, mask, BIAS_TYPE: tl.constexpr):
+    """A tile of the attention bias (float, or bool with True = attend) and whether any entry of it lets
+    attention through: tiles the bias masks entirely are skipped by the callers."""
+    if BIAS_TYPE == 1:
+        bias = tl.load(ptrs, mask=mask, other=float("-inf"))
+        live = tl.max(tl.max(bias.to(tl.float32), 1), 0) > float("-inf")
+    else:
+        bias = tl.load(ptrs, mask=mask, other=0) != 0
+        live = tl.max(tl.max(bias.to(tl.int32), 1), 0) > 0
+    return bias, live
+
+
+@triton.jit
 def score_mod(qk, rows, cols, shift, seqlen_k, scale_log2, softcap, slope, bias, window_left, window_right,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
               MASKED: tl.constexpr, WINDOWED: tl.constexpr):

@@ -34,8 +34,10 @@ from hf_flash.kernels._common import (
     dropout_keep,
     mma,
     key_range,
+    load_bias_tile,
     query_range,
     score_mod,
+    seq_bounds,
 )
 from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv
@@ -67,12 +69,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base
         if BIAS_TYPE != 0:
             b_mask = (offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
             b_ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            if BIAS_TYPE == 1:
-                bias = tl.load(b_ptrs, mask=b_mask, other=float("-inf"))
-                live = tl.max(tl.max(bias.to(tl.float32), 1), 0) > float("-inf")
-            else:
-                bias = tl.load(b_ptrs, mask=b_mask, other=0) != 0
-                live = tl.max(tl.max(bias.to(tl.int32), 1), 0) > 0
+            bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
         else:
             bias = 0.0
             live = True
@@ -115,16 +112,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK,
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = seqlen_q_arg
-        k_start = 0
-        seqlen_k = seqlen_k_arg
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
     m_start = pid_m * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -235,12 +223,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         if BIAS_TYPE != 0:
             b_mask = (offs_n < seqlen_k)[:, None] & m_ok[None, :]
             b_ptrs = bias_base + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn
-            if BIAS_TYPE == 1:
-                bias = tl.load(b_ptrs, mask=b_mask, other=float("-inf"))
-                live = tl.max(tl.max(bias.to(tl.float32), 1), 0) > float("-inf")
-            else:
-                bias = tl.load(b_ptrs, mask=b_mask, other=0) != 0
-                live = tl.max(tl.max(bias.to(tl.int32), 1), 0) > 0
+            bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
         else:
             bias = 0.0
             live = True
@@ -286,16 +269,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, Rng, CuQ, CuK
     pid_bhk = tl.program_id(1)
     b = pid_bhk // nheads_k
     hk = pid_bhk % nheads_k
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = seqlen_q_arg
-        k_start = 0
-        seqlen_k = seqlen_k_arg
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
     n_start = pid_n * BLOCK_N
     if n_start >= seqlen_k:
         return
@@ -372,12 +346,7 @@ def _bwd_dq_inner(dq, dbias_acc, q, do, lse2, delta, k_base, v_base, stride_kn, 
         b_mask = (offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
         if BIAS_TYPE != 0:
             b_ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            if BIAS_TYPE == 1:
-                bias = tl.load(b_ptrs, mask=b_mask, other=float("-inf"))
-                live = tl.max(tl.max(bias.to(tl.float32), 1), 0) > float("-inf")
-            else:
-                bias = tl.load(b_ptrs, mask=b_mask, other=0) != 0
-                live = tl.max(tl.max(bias.to(tl.int32), 1), 0) > 0
+            bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
         else:
             bias = 0.0
             live = True
@@ -424,16 +393,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Bias, DBias, Alibi, Rng, CuQ, Cu
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = seqlen_q_arg
-        k_start = 0
-        seqlen_k = seqlen_k_arg
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
     m_start = pid_m * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -516,16 +476,7 @@ def _bwd_dbias_kernel(Q, K, V, DO, LSE, Delta, Bias, DBias, Alibi, Rng, CuQ, CuK
         b = bb * bias_batch_span + (i // bias_head_span)
         h = bhh * bias_head_span + (i % bias_head_span)
         hk = h // group
-        if IS_VARLEN:
-            q_start = tl.load(CuQ + b)
-            seqlen_q = tl.load(CuQ + b + 1) - q_start
-            k_start = tl.load(CuK + b)
-            seqlen_k = tl.load(CuK + b + 1) - k_start
-        else:
-            q_start = 0
-            seqlen_q = seqlen_q_arg
-            k_start = 0
-            seqlen_k = seqlen_k_arg
+        q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
         b64 = b.to(tl.int64)
         k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
