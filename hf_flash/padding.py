@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["unpad_input", "pad_input", "index_first_axis"]
+__all__ = ["unpad_input", "pad_input", "index_first_axis", "unpad_indices"]
 
 
 def index_first_axis(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -34,14 +34,21 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unuse
     ``max_seqlen_in_batch`` is read on the host (one synchronisation per call), as in flash-attn; callers that
     own the lengths can pass them to the varlen function directly.
     """
+    indices, cu_seqlens, max_seqlen_in_batch, used_seqlens_in_batch = unpad_indices(attention_mask, unused_mask)
+    return (index_first_axis(hidden_states, indices), indices, cu_seqlens, max_seqlen_in_batch,
+            used_seqlens_in_batch)
+
+
+def unpad_indices(attention_mask: torch.Tensor, unused_mask: torch.Tensor | None = None):
+    """What :func:`unpad_input` derives from the mask alone: (indices, cu_seqlens, max_seqlen_in_batch, seqused),
+    so that several tensors under one mask (every layer's K and V) are unpadded with one host read."""
     all_masks = (attention_mask + unused_mask) if unused_mask is not None else attention_mask
     seqlens_in_batch = all_masks.sum(dim=-1, dtype=torch.int32)
     used_seqlens_in_batch = attention_mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(all_masks.flatten(), as_tuple=False).flatten()
     max_seqlen_in_batch = int(seqlens_in_batch.max().item()) if seqlens_in_batch.numel() else 0
     cu_seqlens = F.pad(torch.cumsum(seqlens_in_batch, dim=0, dtype=torch.int32), (1, 0))
-    return (index_first_axis(hidden_states, indices), indices, cu_seqlens, max_seqlen_in_batch,
-            used_seqlens_in_batch)
+    return indices, cu_seqlens, max_seqlen_in_batch, used_seqlens_in_batch
 
 
 def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:

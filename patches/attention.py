@@ -195,14 +195,29 @@ def _use_decode(plan, q, k, mask, dropout, sliding_window) -> bool:
     return True
 
 
+_unpad_cache: list = [None, None, None]  # [weakref to mask, mask version, (indices, cu_seqlens, max_seqlen)]
+
+
+def _unpad_plan(mask: torch.Tensor):
+    """(indices, cu_seqlens, max_seqlen) of a 2-D padding mask. Finding max_seqlen reads the device once; every
+    layer of a forward gets the same mask tensor, so that happens once per forward, not once per layer."""
+    ref, version, plan = _unpad_cache
+    if ref is not None and ref() is mask and version == mask._version and not torch.compiler.is_compiling():
+        return plan
+    plan = _padding.unpad_indices(mask.to(torch.bool))[:3]
+    if not torch.compiler.is_compiling():
+        _unpad_cache[:] = [weakref.ref(mask), mask._version, plan]
+    return plan
+
+
 def _padded_varlen(q, k, v, mask, causal, **kw):
     """Padded batch (2-D mask): gather the real tokens, run varlen, scatter back (transformers' convention)."""
     batch, q_len = q.shape[0], q.shape[1]
     length = mask.shape[-1]
     if k.shape[1] > length:  # a static cache longer than the tokens seen so far
         k, v = k[:, :length], v[:, :length]
-    mask = mask.to(torch.bool)
-    k_unpad, indices_k, cu_k, max_k, _ = _padding.unpad_input(k, mask)
+    indices_k, cu_k, max_k = _unpad_plan(mask)
+    k_unpad = _padding.index_first_axis(k, indices_k)
     v_unpad = _padding.index_first_axis(v, indices_k)
     if q_len == length:
         q_unpad, indices_q, cu_q, max_q = _padding.index_first_axis(q, indices_k), indices_k, cu_k, max_k
@@ -210,7 +225,7 @@ def _padded_varlen(q, k, v, mask, causal, **kw):
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
         indices_q, max_q, q_unpad = cu_q[:-1], 1, q.reshape(batch, *q.shape[2:])
     else:  # the new tokens are the last q_len positions of the mask (left padding)
-        q_unpad, indices_q, cu_q, max_q, _ = _padding.unpad_input(q, mask[:, -q_len:])
+        q_unpad, indices_q, cu_q, max_q, _ = _padding.unpad_input(q, mask[:, -q_len:].to(torch.bool))
     out = _iface.flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k, causal=causal, **kw)
     return _padding.pad_input(out, indices_q, batch, q_len)
 
