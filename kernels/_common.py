@@ -66,6 +66,20 @@ def seq_bounds(CuQ, CuK, b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
+def head_params(Alibi, Rng, b, h, stride_ab, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Per (batch, head) scalars: the ALiBi slope, and the dropout RNG's seed and offset (0 when unused)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h)
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
+    return slope, seed, rng_offset
+
+
+@triton.jit
 def load_bias_tile(ptrs, mask, BIAS_TYPE: tl.constexpr):
     """A tile of the attention bias (float, or bool with True = attend) and whether any entry of it lets
     attention through: tiles the bias masks entirely are skipped by the callers."""

@@ -32,6 +32,7 @@ from hf_flash.kernels._common import (
     LOG2E,
     UNBOUNDED,
     dropout_keep,
+    head_params,
     mma,
     key_range,
     load_bias_tile,
@@ -127,14 +128,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK,
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
                 other=0.0)
     bias_base = Bias + b64 * stride_bb + h.to(tl.int64) * stride_bh
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Alibi + b * stride_ab + h)
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Rng)
-        rng_offset = tl.load(Rng + 1)
+    slope, seed, rng_offset = head_params(Alibi, Rng, b, h, stride_ab, HAS_ALIBI, HAS_DROPOUT)
     shift = seqlen_k - seqlen_q
     m_end = tl.minimum(m_start + BLOCK_M, seqlen_q)
     lo, full_lo, full_hi, hi = key_range(m_start, m_end, shift, seqlen_k, window_left, window_right, BLOCK_N)
@@ -413,14 +407,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Bias, DBias, Alibi, Rng, CuQ, Cu
     v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
     bias_base = Bias + b64 * stride_bb + h.to(tl.int64) * stride_bh
     dbias_base = DBias + b64 * stride_dbb + h.to(tl.int64) * stride_dbh
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Alibi + b * stride_ab + h)
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Rng)
-        rng_offset = tl.load(Rng + 1)
+    slope, seed, rng_offset = head_params(Alibi, Rng, b, h, stride_ab, HAS_ALIBI, HAS_DROPOUT)
     shift = seqlen_k - seqlen_q
     m_end = tl.minimum(m_start + BLOCK_M, seqlen_q)
     lo, full_lo, full_hi, hi = key_range(m_start, m_end, shift, seqlen_k, window_left, window_right, BLOCK_N)
@@ -481,14 +468,7 @@ def _bwd_dbias_kernel(Q, K, V, DO, LSE, Delta, Bias, DBias, Alibi, Rng, CuQ, CuK
         k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
         bias_base = Bias + b64 * stride_bb + h.to(tl.int64) * stride_bh
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Alibi + b * stride_ab + h)
-        seed = 0
-        rng_offset = 0
-        if HAS_DROPOUT:
-            seed = tl.load(Rng)
-            rng_offset = tl.load(Rng + 1)
+        slope, seed, rng_offset = head_params(Alibi, Rng, b, h, stride_ab, HAS_ALIBI, HAS_DROPOUT)
         for mb in range(0, n_mblocks):
             offs_m = (pid_m + mb) * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < seqlen_q
