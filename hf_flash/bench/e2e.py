@@ -43,7 +43,7 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  max_position_embeddings=131072 + 1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 SIZES = {
-    "full": dict(layers=32, decode=((4096, 1), (32768, 1), (131072, 1), (4096, 8)), prefill=(32768, 131072),
+    "full": dict(layers=32, decode=((4096, 1), (32768, 1), (131072, 1), (4096, 8)), prefill=(32768, 65536, 131072),
                  train=(4096, 16384), gen_steps=32, static_steps=48, reps=3),
     "quick": dict(layers=2, decode=((1024, 1), (4096, 1), (1024, 8)), prefill=(4096,), train=(1024,),
                   gen_steps=8, static_steps=12, reps=2),
@@ -206,7 +206,9 @@ def decode_static_compiled_ms(model, context: int, batch: int, steps: int) -> fl
 # ------------------------------------------------------------------------------------------------- prefill, train
 
 
-def prefill_ms(model, context: int, reps: int) -> float:
+def prefill_ms(model, context: int, reps: int) -> dict:
+    """Median prefill time and the peak memory the prefill adds on top of the weights (GiB): with attention
+    memory linear in the prompt, the peak grows linearly from 32k to 64k to 128k."""
     from transformers import DynamicCache
 
     ids, _ = _prompt(1, context, model.device, model.config.vocab_size)
@@ -217,8 +219,15 @@ def prefill_ms(model, context: int, reps: int) -> float:
             model(ids, use_cache=True, logits_to_keep=1, **{key: DynamicCache(config=model.config)})
 
     ms = _wall_ms(run, reps)
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    return ms
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    torch.cuda.empty_cache()
+    return {"ms": ms, "peak_gib": peak}
 
 
 def train_step(model, tokens: int, checkpointing: bool, reps: int) -> dict:
@@ -320,8 +329,8 @@ def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
                 ms, err = _try(lambda: decode_static_compiled_ms(model, n, batch, sz["static_steps"]))
                 case[impl] = {"ms_per_step": ms, "error": err}
             elif kind == "prefill":
-                ms, err = _try(lambda: prefill_ms(model, n, sz["reps"]))
-                case[impl] = {"ms": ms, "error": err}
+                res, err = _try(lambda: prefill_ms(model, n, sz["reps"]))
+                case[impl] = dict(res or {"ms": None}, error=err)
             else:
                 res, err = _try(lambda: train_step(model, n, kind == "train_ckpt", sz["reps"]))
                 case[impl] = dict(res or {}, error=err)
@@ -336,6 +345,7 @@ def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
                                            if case[impl]["ms_per_step"] else None) for impl in IMPLS}
         elif kind == "prefill":
             case["speedup_vs_sdpa"] = C.ratio(case["sdpa"]["ms"], case["flashtri"]["ms"])
+            case["peak_ratio"] = C.ratio(case["flashtri"].get("peak_gib"), case["sdpa"].get("peak_gib"))
         else:
             case["speedup_vs_sdpa"] = C.ratio(case["flashtri"].get("tokens_per_s"), case["sdpa"].get("tokens_per_s"))
             case["peak_ratio"] = C.ratio(case["flashtri"].get("peak_gib"), case["sdpa"].get("peak_gib"))
@@ -371,8 +381,8 @@ def _table(cases) -> dict:
             rows.append([_label(c), f["ms_per_step"], s["ms_per_step"], c["speedup_vs_sdpa"], c["roofline_ms"],
                          c["flashtri_over_roofline"], None, None, f["error"] or s["error"]])
         elif c["kind"] == "prefill":
-            rows.append([_label(c), f["ms"], s["ms"], c["speedup_vs_sdpa"], None, None, None, None,
-                         f["error"] or s["error"]])
+            rows.append([_label(c), f["ms"], s["ms"], c["speedup_vs_sdpa"], None, None, f.get("peak_gib"),
+                         s.get("peak_gib"), f["error"] or s["error"]])
         else:
             rows.append([_label(c), f.get("ms"), s.get("ms"), c["speedup_vs_sdpa"], None, None,
                          f.get("peak_gib"), s.get("peak_gib"), f["error"] or s["error"]])
