@@ -46,6 +46,24 @@ def check_tensor(t, name: str, ndim: int, dtype=None, like: torch.Tensor | None 
                          f"{t.stride()}; call .contiguous() on it")
 
 
+def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
+    """Dense (batch, seqlen, heads, headdim) q, k, v: returns (batch, seqlen_q, nheads, headdim, seqlen_k,
+    nheads_k) after checking each tensor, the shared batch, k/v shapes, head dims and the GQA head ratio."""
+    check_tensor(q, "q", 4)
+    check_tensor(k, "k", 4, like=q)
+    check_tensor(v, "v", 4, like=q)
+    batch, seqlen_q, nheads, d = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[3] != d:
+        raise ValueError(f"k's head dim ({k.shape[3]}) must equal q's ({d})")
+    check_headdim(d)
+    check_heads(nheads, k.shape[2])
+    return batch, seqlen_q, nheads, d, k.shape[1], k.shape[2]
+
+
 def check_heads(nheads: int, nheads_k: int, what: str = "k") -> None:
     if nheads_k <= 0 or nheads % nheads_k:
         raise ValueError(f"the number of heads of q ({nheads}) must be a multiple of that of {what} ({nheads_k})")

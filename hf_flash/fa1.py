@@ -77,18 +77,7 @@ def flash_attn_fa1_func(q, k, v, softmax_scale=None, causal=False, return_lse=Fa
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype, or (out, lse) with ``return_lse``.
     """
-    V.check_tensor(q, "q", 4)
-    V.check_tensor(k, "k", 4, like=q)
-    V.check_tensor(v, "v", 4, like=q)
-    batch, _, nheads, d = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[3] != d:
-        raise ValueError(f"k's head dim ({k.shape[3]}) must equal q's ({d})")
-    V.check_headdim(d)
-    V.check_heads(nheads, k.shape[2])
+    d = V.check_qkv(q, k, v)[3]
     scale = V.check_scale(softmax_scale, d)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")

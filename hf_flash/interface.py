@@ -124,19 +124,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out (batch, seqlen_q, nheads, headdim); with ``return_attn_probs``: (out, softmax_lse of shape
         (batch, nheads, seqlen_q) float32, S_dmask (batch, nheads, seqlen_q, seqlen_k)).
     """
-    V.check_tensor(q, "q", 4)
-    V.check_tensor(k, "k", 4, like=q)
-    V.check_tensor(v, "v", 4, like=q)
-    batch, seqlen_q, nheads, d = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[3] != d:
-        raise ValueError(f"k's head dim ({k.shape[3]}) must equal q's ({d})")
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    V.check_headdim(d)
-    V.check_heads(nheads, nheads_k)
+    batch, seqlen_q, nheads, d, seqlen_k, nheads_k = V.check_qkv(q, k, v)
     dropout_p = V.check_dropout(dropout_p)
     softcap = V.check_softcap(softcap)
     scale = V.check_scale(softmax_scale, d)
