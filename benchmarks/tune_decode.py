@@ -7,9 +7,9 @@ shapes (32 query heads, 8 or 32 KV heads, head dim 128, bf16), timing CUDA-graph
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import os
+import sys
 
 # run from a checkout without installing: the repository root makes hf_flash importable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,8 +50,9 @@ def main():
     for seqlen, hk in ((4096, 8), (16384, 8), (65536, 32)):
         heur = decode.num_splits_heuristic(1, hk, seqlen, sms, 1, 64)
         best = (0, None)
-        for cfg in ("64,4,3", "64,4,4", "128,4,3", "128,8,3"):
-            for splits in sorted({heur, 2 * heur, max(1, heur // 2)}):
+        n_blocks = seqlen // 64
+        for cfg in ("32,4,3", "64,4,3", "64,4,4", "64,8,3", "128,4,3", "128,8,3"):
+            for splits in sorted({heur, min(2 * heur, n_blocks), max(1, heur // 2)}):
                 tbs = kv_tbs(1, seqlen, 32, hk, 128, splits, cfg)
                 rows.append(dict(seqlen=seqlen, hk=hk, cfg=cfg, splits=splits, heuristic=heur, tbs=tbs))
                 print(f"32/{hk} {seqlen:>6} cfg {cfg:>8} splits {splits:>4} (heur {heur}): {tbs:.2f} TB/s",

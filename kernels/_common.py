@@ -5,6 +5,9 @@ Scores are kept in the exp2 domain: ``s2 = s * log2(e)``, so softmaxes use ``exp
 broadcastable row/column index tiles, so the backward's transposed (key-major) tiles reuse them unchanged.
 """
 
+import inspect
+import os
+
 import triton
 import triton.language as tl
 
@@ -12,6 +15,45 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # A window side of -1 (unbounded) is passed to the kernels as this many positions.
 UNBOUNDED = 1 << 28
+
+
+def fix_interpreter_scalar_index() -> bool:
+    """Let Triton's CPU interpreter of triton <= 3.6 run with numpy >= 2.4. Returns True when it patched.
+
+    Those interpreters turn a scalar used as a loop bound into a Python int with ``int(array)``, and a scalar
+    is a numpy array of shape (1,) there; numpy 2.4 made ``int()`` of a 1-element array that is not 0-d an
+    error ("only 0-dimensional arrays can be converted to Python scalars"), so every kernel with a runtime loop
+    bound failed (measured: triton 3.6.0 with numpy 2.4.6 here and 2.5.2 on the GPU image). Newer Triton
+    squeezes the array first (triton 3.9); this does the same, only where the interpreter still has the old
+    conversion, and only while a kernel is being interpreted (the interpreter installs and removes its
+    patches around each launch; ours is added after its own and removed with them).
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_hf_flash_fixed", False):
+        return False
+    try:
+        source = inspect.getsource(original)
+    except (OSError, TypeError):
+        return False
+    if "int(self.handle.data)" not in source.replace(" ", ""):
+        return False
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0])
+                       if self.handle.data.size == 1 else int(self.handle.data))
+
+    patch_lang_tensor._hf_flash_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fix_interpreter_scalar_index()
 
 
 @triton.jit

@@ -350,16 +350,18 @@ def _combine_kernel(
     O_PART, LSE_PART, OUT, LSE, CU_Q,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
     num_splits, nheads_k, group, seqlen_q, rows_pad,
-    VARLEN_Q: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    VARLEN_Q: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
 ):
-    """Merge the splits' partials: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
+    """Merge the splits' partials of one query row: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse).
 
-    Empty partials (lse -inf) get weight 0 and their outputs are not read; a row whose partials are all empty
-    saw no key: output 0, log-sum-exp +inf.
+    One program per (sequence and KV head, row). The partials are read SPLIT_TILE splits at a time as one
+    (SPLIT_TILE, BLOCK_D) tile, so their loads are in flight together (a loop of one split per step waits for
+    each load in turn: at 32 splits that wait was most of a short decode step). Empty partials (lse -inf) get
+    weight 0 and are not read; a row whose partials are all empty saw no key: output 0, log-sum-exp +inf.
     """
     bh = tl.program_id(0)
-    rb = tl.program_id(1)
+    r = tl.program_id(1)
     BH = tl.num_programs(0)
     b = bh // nheads_k
     kvh = bh % nheads_k
@@ -369,36 +371,33 @@ def _combine_kernel(
     else:
         q_start = 0
         sq = seqlen_q
-    rows = group * sq
-    if rb * BLOCK_R < rows:
-        offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = offs_r < rows
-        offs_s = tl.arange(0, BLOCK_S)
+    if r < group * sq:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEADDIM
-        lse_all = tl.load(LSE_PART + (offs_s[:, None] * BH + bh).to(tl.int64) * rows_pad + offs_r[None, :],
-                          mask=(offs_s < num_splits)[:, None] & row_ok[None, :], other=float("-inf"))
+        offs_all = tl.arange(0, BLOCK_S)
+        lse_all = tl.load(LSE_PART + (offs_all * BH + bh).to(tl.int64) * rows_pad + r,
+                          mask=offs_all < num_splits, other=float("-inf"))
         mx = tl.max(lse_all, 0)
         mx_use = tl.where(mx == float("-inf"), 0.0, mx)
-        denom = tl.sum(tl.exp2(lse_all - mx_use[None, :]), 0)
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        for s in range(0, num_splits):
-            prow = (s * BH + bh).to(tl.int64) * rows_pad + offs_r
-            ls = tl.load(LSE_PART + prow, mask=row_ok, other=float("-inf"))
+        denom = tl.sum(tl.exp2(lse_all - mx_use), 0)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for s0 in range(0, num_splits, SPLIT_TILE):
+            offs_s = s0 + tl.arange(0, SPLIT_TILE)
+            prow = (offs_s * BH + bh).to(tl.int64) * rows_pad + r
+            ls = tl.load(LSE_PART + prow, mask=offs_s < num_splits, other=float("-inf"))
             w = tl.exp2(ls - mx_use)
             o = tl.load(O_PART + prow[:, None] * HEADDIM + offs_d[None, :],
-                        mask=(row_ok & (ls > float("-inf")))[:, None] & dmask[None, :], other=0.0)
-            acc += w[:, None] * o
+                        mask=(ls > float("-inf"))[:, None] & dmask[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * o, 0)
         has = denom > 0.0
-        out = acc / tl.where(has, denom, 1.0)[:, None]
+        out = acc / tl.where(has, denom, 1.0)
         lse = tl.where(has, (mx_use + tl.log2(tl.where(has, denom, 1.0))) * 0.6931471805599453, float("inf"))
-        t = offs_r // group
-        head = kvh * group + offs_r % group
-        o_ptrs = (OUT + b.to(tl.int64) * stride_ob + (q_start + t).to(tl.int64)[:, None] * stride_ot
-                  + head.to(tl.int64)[:, None] * stride_oh + offs_d[None, :])
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+        t = r // group
+        head = kvh * group + r % group
+        row_off = b.to(tl.int64) * stride_ob + (q_start + t).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+        tl.store(OUT + row_off + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
         tl.store(LSE + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
-                 + (q_start + t).to(tl.int64) * stride_lt, lse, mask=row_ok)
+                 + (q_start + t).to(tl.int64) * stride_lt, lse)
 
 
 @triton.jit
@@ -660,13 +659,16 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     )
     LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
     if split:
-        block_r = 16
-        _combine_kernel[(batch * nheads_k, cdiv(rows_pad, block_r))](
+        block_s = max(2, next_pow2(num_splits))
+        _combine_kernel[(batch * nheads_k, rows)](
             o_part, lse_part, out, lse, cu_seqlens_q if varlen else dummy,
             sob, sot, soh, slb, slh, slt,
             num_splits, nheads_k, group, seqlen_q, rows_pad,
-            VARLEN_Q=varlen, HEADDIM=d, BLOCK_R=block_r, BLOCK_D=BLOCK_D,
-            BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4 if q.is_cuda else 1,
+            VARLEN_Q=varlen, HEADDIM=d, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
+            # 16 KiB of float32 partials in flight per step on the GPU; 4 splits a step on the CPU, so that the
+            # interpreter tests walk the loop over several steps
+            SPLIT_TILE=min(block_s, max(2, 4096 // BLOCK_D)) if q.is_cuda else 4,
+            num_warps=4 if q.is_cuda else 1,
         )
         LAUNCHES["combine"] += 1
     return out, lse

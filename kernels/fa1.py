@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_flash.kernels import _common  # noqa: F401 - its import fixes old Triton interpreters (see there)
 
 __all__ = ["fa1_block_config", "fa1_forward", "fa1_backward", "LAUNCHES"]
 

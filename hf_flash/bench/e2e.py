@@ -15,10 +15,14 @@ same weights for both), everything measured in one run:
     measured in the same run (``dst.copy_(src)`` of 1 GiB: read + write bytes / time);
 * prefill time at 32k and 128k (batch 1, a fresh DynamicCache, logits of the last token only);
 * a training step (forward + backward with labels, bf16 weights and gradients, no optimizer state) at 4k and
-  16k tokens, with and without gradient checkpointing: tokens/s and peak memory.
+  16k tokens, with and without gradient checkpointing: tokens/s and peak memory;
+* ``long``: one ``generate()`` of 256 new tokens from a 128k-token prompt, as a user runs it (DynamicCache,
+  greedy): time to the first token (the prefill), decode tokens/s over the other 255, peak memory above the
+  weights, and how many leading tokens flashtri and sdpa agree on (bf16 with random weights: near-ties may
+  flip a token, after which the sequences differ).
 
 ``quick=True`` runs 2 layers, contexts of 1k and 4k, fewer steps: a check of the plumbing, not the figures.
-``HF_FLASH_E2E_PARTS`` (comma list of decode, static, prefill, train; default all) runs a subset, so each part
+``HF_FLASH_E2E_PARTS`` (comma list of decode, static, prefill, train, long; default all) runs a subset, so each part
 fits within a time-limited job. Results go to ``e2e.json`` (written after every case, so an interrupted run
 keeps what it measured) and ``e2e.png``; a case that fails (out of memory, an unsupported path) is recorded as
 null with its error. Ratios are sdpa time / flashtri time (> 1: flashtri is faster) and time / roofline.
@@ -36,7 +40,7 @@ import torch
 from hf_flash.bench import common as C
 
 IMPLS = ("flashtri", "sdpa")
-PARTS = ("decode", "static", "prefill", "train")
+PARTS = ("decode", "static", "prefill", "train", "long")
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
@@ -44,9 +48,9 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 
 SIZES = {
     "full": dict(layers=32, decode=((4096, 1), (32768, 1), (131072, 1), (4096, 8)), prefill=(32768, 65536, 131072),
-                 train=(4096, 16384), gen_steps=32, static_steps=48, reps=3),
+                 train=(4096, 16384), gen_steps=32, static_steps=48, reps=3, long=(131072, 256)),
     "quick": dict(layers=2, decode=((1024, 1), (4096, 1), (1024, 8)), prefill=(4096,), train=(1024,),
-                  gen_steps=8, static_steps=12, reps=2),
+                  gen_steps=8, static_steps=12, reps=2, long=(4096, 16)),
 }
 
 
@@ -230,6 +234,40 @@ def prefill_ms(model, context: int, reps: int) -> dict:
     return {"ms": ms, "peak_gib": peak}
 
 
+def long_generate(model, context: int, new_tokens: int) -> dict:
+    """One greedy ``generate()`` of ``new_tokens`` from a ``context``-token prompt (after a short warm-up that
+    compiles the kernels): prefill seconds (to the first token), decode tokens/s, total seconds, peak GiB above
+    the weights, and the generated ids (for the agreement check; removed before saving)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    ids, _ = _prompt(1, context, model.device, model.config.vocab_size)
+    stamps = []
+
+    class Clock(LogitsProcessor):  # called once per new token, after that token's forward
+        def __call__(self, input_ids, scores):
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return scores
+
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids[:, :1024], max_new_tokens=4, min_new_tokens=4, **kw)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             logits_processor=LogitsProcessorList([Clock()]), **kw)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    torch.cuda.empty_cache()
+    decode_tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    return {"prefill_s": stamps[0] - t0, "decode_tokens_per_s": decode_tps, "total_s": total, "peak_gib": peak,
+            "new_tokens": int(out.shape[1] - context), "ids": out[0, context:].tolist()}
+
+
 def train_step(model, tokens: int, checkpointing: bool, reps: int) -> dict:
     ids, _ = _prompt(1, tokens, model.device, model.config.vocab_size)
     model.train()
@@ -288,6 +326,8 @@ def _cases(sz, parts):
         if "static" in parts:
             cases.append(("static", context, batch))
     cases += [("prefill", n, 1) for n in sz["prefill"] if "prefill" in parts]
+    if "long" in parts:
+        cases.append(("long", sz["long"][0], 1))
     for n in sz["train"]:
         if "train" in parts:
             cases += [("train", n, 1), ("train_ckpt", n, 1)]
@@ -331,6 +371,9 @@ def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
             elif kind == "prefill":
                 res, err = _try(lambda: prefill_ms(model, n, sz["reps"]))
                 case[impl] = dict(res or {"ms": None}, error=err)
+            elif kind == "long":
+                res, err = _try(lambda: long_generate(model, n, sz["long"][1]))
+                case[impl] = dict(res or {"prefill_s": None}, error=err)
             else:
                 res, err = _try(lambda: train_step(model, n, kind == "train_ckpt", sz["reps"]))
                 case[impl] = dict(res or {}, error=err)
@@ -345,6 +388,14 @@ def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
                                            if case[impl]["ms_per_step"] else None) for impl in IMPLS}
         elif kind == "prefill":
             case["speedup_vs_sdpa"] = C.ratio(case["sdpa"]["ms"], case["flashtri"]["ms"])
+            case["peak_ratio"] = C.ratio(case["flashtri"].get("peak_gib"), case["sdpa"].get("peak_gib"))
+        elif kind == "long":
+            a, b = case["flashtri"].pop("ids", None), case["sdpa"].pop("ids", None)
+            if a is not None and b is not None:
+                case["agree_prefix"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            case["speedup_vs_sdpa"] = C.ratio(case["sdpa"].get("total_s"), case["flashtri"].get("total_s"))
+            case["decode_speedup_vs_sdpa"] = C.ratio(case["flashtri"].get("decode_tokens_per_s"),
+                                                     case["sdpa"].get("decode_tokens_per_s"))
             case["peak_ratio"] = C.ratio(case["flashtri"].get("peak_gib"), case["sdpa"].get("peak_gib"))
         else:
             case["speedup_vs_sdpa"] = C.ratio(case["flashtri"].get("tokens_per_s"), case["sdpa"].get("tokens_per_s"))
@@ -383,6 +434,11 @@ def _table(cases) -> dict:
         elif c["kind"] == "prefill":
             rows.append([_label(c), f["ms"], s["ms"], c["speedup_vs_sdpa"], None, None, f.get("peak_gib"),
                          s.get("peak_gib"), f["error"] or s["error"]])
+        elif c["kind"] == "long":
+            ms = {k: (None if x.get("total_s") is None else x["total_s"] * 1e3) for k, x in (("f", f), ("s", s))}
+            rows.append([_label(c) + f" +{f.get('new_tokens') or s.get('new_tokens')} tokens", ms["f"], ms["s"],
+                         c["speedup_vs_sdpa"], None, None, f.get("peak_gib"), s.get("peak_gib"),
+                         f["error"] or s["error"]])
         else:
             rows.append([_label(c), f.get("ms"), s.get("ms"), c["speedup_vs_sdpa"], None, None,
                          f.get("peak_gib"), s.get("peak_gib"), f["error"] or s["error"]])
@@ -400,6 +456,12 @@ def _summary(cases) -> list:
                         f"{_fmt(c['speedup_vs_sdpa'])} / {_fmt(c['flashtri_over_roofline'])}"])
         elif c["kind"] == "prefill":
             out.append([f"e2e {_label(c)}: speedup vs sdpa", _fmt(c["speedup_vs_sdpa"])])
+        elif c["kind"] == "long":
+            f = c["flashtri"]
+            out.append([f"e2e {_label(c)} generate: prefill s, decode tok/s, peak GiB (flashtri); "
+                        "decode speedup vs sdpa",
+                        f"{_fmt(f.get('prefill_s'))}, {_fmt(f.get('decode_tokens_per_s'))}, "
+                        f"{_fmt(f.get('peak_gib'))}; {_fmt(c.get('decode_speedup_vs_sdpa'))}"])
         else:
             out.append([f"e2e {_label(c)}: tokens/s ratio, peak ratio",
                         f"{_fmt(c['speedup_vs_sdpa'])}, {_fmt(c.get('peak_ratio'))}"])
@@ -420,6 +482,14 @@ def _plot(cases, path, env):
     if cs:
         panels.append({"title": "prefill (ms)", "x": [_label(c).split(" ", 1)[1] for c in cs], "kind": "bar",
                        "ylabel": "ms", "series": {i: [c[i]["ms"] for c in cs] for i in IMPLS}})
+        panels.append({"title": "prefill peak memory above weights (GiB)",
+                       "x": [_label(c).split(" ", 1)[1] for c in cs], "kind": "bar", "ylabel": "GiB",
+                       "series": {i: [c[i].get("peak_gib") for c in cs] for i in IMPLS}})
+    cs = [c for c in cases if c["kind"] == "long"]
+    if cs:
+        panels.append({"title": f"{_label(cs[0]).split(' ', 1)[1]} prompt: decode tokens/s", "x": list(IMPLS),
+                       "kind": "bar", "ylabel": "tokens/s",
+                       "series": {"generate()": [cs[0][i].get("decode_tokens_per_s") for i in IMPLS]}})
     cs = [c for c in cases if c["kind"].startswith("train")]
     if cs:
         panels.append({"title": "training step (tokens/s)", "x": [_label(c) for c in cs], "kind": "bar",
@@ -429,4 +499,4 @@ def _plot(cases, path, env):
     if not panels:
         return None
     return C.plot_panels(path, panels, suptitle=f"hf_flash e2e, {env.get('device')}, transformers "
-                                                f"{env.get('transformers')}", ncols=len(panels))
+                                                f"{env.get('transformers')}", ncols=min(4, len(panels)))
