@@ -1,5 +1,7 @@
 """Sweep the split-KV decode kernel's BLOCK_N / warps / stages and split counts on the GPU for batch-1 decode
 shapes (32 query heads, 8 or 32 KV heads, head dim 128, bf16), timing CUDA-graph replays; prints KV TB/s.
+The first row of each shape is what the library picks by itself (decode_config and num_splits=0); the split
+counts swept are the heuristic's for 64-key blocks, half and double.
 
     python benchmarks/tune_decode.py [--out results.json]
 """
@@ -24,7 +26,8 @@ def kv_tbs(batch, seqlen, hq, hk, d, splits, cfg):
     q = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, seqlen, hk, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    os.environ["HF_FLASH_DECODE_CONFIG"] = cfg
+    if cfg != "default":
+        os.environ["HF_FLASH_DECODE_CONFIG"] = cfg
     try:
         fn = lambda: decode.split_kv_forward(q, k, v, softmax_scale=d ** -0.5, num_splits=splits)  # noqa: E731
         fn()
@@ -50,6 +53,9 @@ def main():
     for seqlen, hk in ((4096, 8), (16384, 8), (65536, 32)):
         heur = decode.num_splits_heuristic(1, hk, seqlen, sms, 1, 64)
         best = (0, None)
+        tbs = kv_tbs(1, seqlen, 32, hk, 128, 0, "default")
+        rows.append(dict(seqlen=seqlen, hk=hk, cfg="default", splits=0, heuristic=heur, tbs=tbs))
+        print(f"32/{hk} {seqlen:>6} the defaults (decode_config, num_splits=0): {tbs:.2f} TB/s", flush=True)
         n_blocks = seqlen // 64
         for cfg in ("32,4,3", "64,4,3", "64,4,4", "64,8,3", "128,4,3", "128,8,3"):
             for splits in sorted({heur, min(2 * heur, n_blocks), max(1, heur // 2)}):

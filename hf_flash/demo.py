@@ -4,7 +4,9 @@ For each model family it builds a random model from a config, saves it with ``sa
 twice with ``AutoModelForCausalLM.from_pretrained(dir, attn_implementation=...)`` ("flashtri" and "sdpa"), so
 both start from the same weights and go through the real loading code. Each copy is fine-tuned for a few steps
 with ``transformers.Trainer`` (same seed, same data order, dropout 0) on token sequences drawn from a fixed
-random bigram chain (no tokenizer, no network), then generates greedily from the same prompt. It prints one
+random bigram chain (no tokenizer, no network). Then the flashtri-fine-tuned model generates greedily from one
+prompt with each implementation (``set_attn_implementation``): the same weights, so any difference in the
+tokens comes from attention (two copies fine-tuned in bf16 drift apart by rounding alone). It prints one
 table: the largest per-step loss difference against its limit, whether the greedy tokens are equal, and the
 time of each phase.
 
@@ -276,14 +278,25 @@ def _run_model(kind: str, size: dict, run: dict, root: str) -> dict:
     prompt = prompt_src.ids.to(run["device"])
     gpu = run["device"] == "cuda"
     row = {"model": kind, "params": n_params}
+    trained = None
     for impl in ("flashtri", "sdpa"):
         model, losses, train_s = _train(path, impl, data, size, run, f"{kind} {impl} train", autocast=gpu,
                                         warmup=gpu)
-        tokens, scores, gen_s = _generate(model, prompt, size["new_tokens"], run, warmup=gpu)
-        row[impl] = dict(losses=losses, train_s=train_s, gen_s=gen_s, tokens=tokens, scores=scores)
-        del model
-        if gpu:
-            torch.cuda.empty_cache()
+        row[impl] = dict(losses=losses, train_s=train_s)
+        if impl == "flashtri":
+            trained = model
+        else:
+            del model
+    # Both implementations generate from the same weights (the flashtri-fine-tuned ones): two separately
+    # fine-tuned copies drift apart in bf16 (different rounding at every step), so their greedy tokens could
+    # differ for reasons that have nothing to do with attention.
+    for impl in ("flashtri", "sdpa"):
+        trained.set_attn_implementation(impl)
+        tokens, scores, gen_s = _generate(trained, prompt, size["new_tokens"], run, warmup=gpu)
+        row[impl].update(gen_s=gen_s, tokens=tokens, scores=scores)
+    del trained
+    if gpu:
+        torch.cuda.empty_cache()
     fl, sd = row["flashtri"], row["sdpa"]
     row["loss_diff"] = max(abs(a - b) for a, b in zip(fl["losses"], sd["losses"]))
     if gpu:  # the limit: how far sdpa itself moves between float32 and the low precision

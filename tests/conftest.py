@@ -54,3 +54,15 @@ def check_close(name, got, ref, ref_lowp, factor=2.0, dtype=None):
                              f"{int(bad.sum())}/{err.numel()} elements off, first at {idx}: got "
                              f"{got[idx].item():.6g}, ref {ref[idx].item():.6g}")
     return worst
+
+
+def subprocess_env(env: dict) -> dict:
+    """``env`` with the directory hf_flash was imported from first on PYTHONPATH, so that a script started in a
+    subprocess (``python examples/x.py``, a distributed worker) imports the same hf_flash: the pip-installed
+    one in CI, the checkout itself where the package is not installed (the GPU machine runs from a copy of the
+    working tree)."""
+    import hf_flash
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(hf_flash.__file__)))
+    old = env.get("PYTHONPATH", "")
+    return dict(env, PYTHONPATH=root + (os.pathsep + old if old else ""))

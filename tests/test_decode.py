@@ -388,8 +388,10 @@ def test_num_splits_heuristic():
     nb = 65536 // 64
     per = -(-nb // s)
     assert -(-nb // per) == s
-    # short cache: chunks keep at least two blocks
-    assert num_splits_heuristic(1, 8, 256, 132) <= 2
+    # short cache: chunks keep at least 256 keys (min_keys_per_split), whatever the block
+    assert num_splits_heuristic(1, 8, 256, 132) == 1
+    assert num_splits_heuristic(1, 8, 4096, 132, block_n=32) <= 16
+    assert num_splits_heuristic(1, 8, 4096, 132, block_n=32, min_keys_per_split=64) > 16
     assert num_splits_heuristic(1, 1, 1, 132) == 1
 
 

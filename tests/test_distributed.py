@@ -202,6 +202,9 @@ def _launch(mode: str, model_dir: str, batch_file: str, out_dir: str) -> None:
     if not ON_GPU:
         env["TRITON_INTERPRET"] = "1"
     logs = [open(os.path.join(out_dir, f"rank{r}.log"), "w+") for r in range(WORLD)]
+    from conftest import subprocess_env
+
+    env = subprocess_env(env)
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=logs[r],
                               stderr=subprocess.STDOUT) for r in range(WORLD)]
     deadline = time.monotonic() + TIMEOUT_S

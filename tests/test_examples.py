@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import subprocess_env
 from hf_flash import demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def run_script(args, interpreter_env: bool = True) -> subprocess.CompletedProces
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(env), capture_output=True, text=True,
                           timeout=TIMEOUT)
     assert proc.returncode == 0, f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc

@@ -112,7 +112,8 @@ def _case(batch, seqlen, nheads_k, device, gen):
     lens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
     kv_bytes = 2 * batch * seqlen * nheads_k * d * k.element_size()
     rows, outs = [], {}
-    split_count = kvcache.num_splits_heuristic(batch, nheads_k, seqlen, D.num_sms(device))
+    cfg = D.decode_config(d, h // nheads_k, device)
+    split_count = kvcache.num_splits_heuristic(batch, nheads_k, seqlen, D.num_sms(device), 1, cfg["BLOCK_N"])
 
     def hf(unified=None, splits=0, block_m=None):
         def fn():
