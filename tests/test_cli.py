@@ -29,6 +29,9 @@ CHECK_ROWS = ("FA2 forward", "FA2 backward", "varlen fwd+bwd", "FA1 fwd+bwd", "s
 
 
 def hf_flash_cmd(*args, env=None, timeout=300):
+    from conftest import subprocess_env
+
+    env = subprocess_env(dict(os.environ) if env is None else env)
     return subprocess.run([sys.executable, "-m", "hf_flash", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

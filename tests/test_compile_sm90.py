@@ -63,7 +63,9 @@ def compile_all(features):
 @pytest.mark.parametrize("features", ["plain", "all"])
 def test_fa2_kernels_compile_for_sm90(features):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, features], env=env, capture_output=True, text=True,
+    from conftest import subprocess_env
+
+    proc = subprocess.run([sys.executable, __file__, features], env=subprocess_env(env), capture_output=True, text=True,
                           timeout=600)
     if "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("this Triton has no ptxas for the platform")

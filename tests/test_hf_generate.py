@@ -170,26 +170,29 @@ def test_bf16_logits_of_every_step_close_to_sdpa(models, cache):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_static_cache_compiled_decode_matches_eager(models):
-    """StaticCache decode with the forward compiled (mode="reduce-overhead": CUDA graphs on a GPU) gives the same
-    tokens as the eager run. transformers 5.x also compiles the forward by itself when generate() gets a static
-    cache on a GPU; ``disable_compile=True`` keeps that off here, so that the two runs are exactly eager and
-    exactly our compiled forward (the two compiles nested fail inside torch's CUDA-graph trees)."""
+    """StaticCache decode under torch.compile gives the same tokens as the eager run.
+
+    On a GPU, transformers 5.x compiles the decode step by itself when generate() gets a static cache
+    (mode="reduce-overhead": CUDA graphs; the prefill stays eager, so the cache is allocated outside the
+    graphs). That is the path users get, so it is the one tested; ``disable_compile=True`` gives the eager
+    reference. (Compiling the whole forward by hand, prefill included, failed on the H100 with transformers
+    5.17: the static cache's tensors are allocated lazily inside the compiled prefill, so they are CUDA-graph
+    outputs that the next replay overwrites, and torch's CUDA-graph trees refuse the cache update.)"""
     from torch._dynamo.utils import counters
 
     fl, _ = models["llama"]
     ids, mask = _prompt(1)
     kw = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0,
-              cache_implementation="static", disable_compile=True)
-    want = fl.generate(ids, attention_mask=mask, **kw)
+              cache_implementation="static")
+    want = fl.generate(ids, attention_mask=mask, disable_compile=True, **kw)
     torch._dynamo.reset()
     counters.clear()
-    fl.forward = torch.compile(fl.forward, mode="reduce-overhead", fullgraph=False)
     try:
         got = fl.generate(ids, attention_mask=mask, **kw)
+        compiled_graphs = counters["stats"]["unique_graphs"]
     finally:
-        del fl.forward
         torch._dynamo.reset()
-    assert counters["stats"]["unique_graphs"] > 0  # the forward was compiled, not run eagerly
+    assert compiled_graphs > 0  # the decode steps ran compiled, not eagerly
     assert torch.equal(got, want)
 
 
