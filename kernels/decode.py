@@ -23,8 +23,12 @@ Layout of the work: grid (batch * nheads_k, num_splits, m_blocks). Each program 
 sequence, one chunk of its keys, and a tile of BLOCK_M query rows. The rows are the GQA group's query heads
 times the query tokens (row r = token r // group, head r % group), so each K/V byte is read once per group and
 a decode step's tile is padded only to 16 rows, the tensor-core minimum (FlashDecoding++'s flat GEMM), not to
-the 64/128 of a prefill tile. Softmax in the exp2 domain with float32 partial outputs and log-sum-exps; a
-second kernel combines the partials with log-sum-exp weights. One split writes the final output directly.
+the 64/128 of a prefill tile. Softmax in the exp2 domain with float32 partial outputs and log-sum-exps; a second
+kernel combines the partials with log-sum-exp weights. One split writes the final output directly.
+``fused_combine=True`` (or ``HF_FLASH_DECODE_FUSED=1``) instead lets the last program of each tile to finish (an
+atomic ticket per tile) combine the partials inside the split kernel, one launch per step; measured on the H100
+it was slower (4k tokens, 32/8 heads: 0.79 vs 0.86 TB/s; the winner's serial tail outweighs the saved launch),
+so it is not the default.
 
 Tested: Triton interpreter on CPU (tests/test_decode.py); on CUDA the same tests run bigger (cache 128k,
 CUDA-graph replay). Configs (``decode_config``) are fixed, not autotuned, so a decode step can be captured
@@ -44,6 +48,7 @@ import triton.language as tl
 
 from hf_flash.kernels.configs import cdiv, next_pow2
 
+from hf_flash.kernels import _launch
 from hf_flash.kernels._common import mma, tanh_f32
 
 __all__ = [
@@ -194,7 +199,7 @@ def _attend_chunk(q, K, V, k_head, v_head, bt_row, leftpad, stride_kb, stride_ks
 
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, OUT, LSE, O_PART, LSE_PART, FALLBACK,
+    Q, K, V, OUT, LSE, O_PART, LSE_PART, FALLBACK, COUNTER,
     SEQLENS_K, CU_Q, LEFTPAD, BATCH_IDX, BLOCK_TABLE, ALIBI,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -207,8 +212,9 @@ def _split_kv_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UNIFIED: tl.constexpr, SPLIT: tl.constexpr,
-    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    FUSED: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, COMB_M: tl.constexpr,
+    COMB_S: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -334,8 +340,27 @@ def _split_kv_kernel(
         if SPLIT:
             prow = (split * tl.num_programs(0) + bh).to(tl.int64) * rows_pad + offs_m
             tl.store(LSE_PART + prow, lse2, mask=row_ok)
-            tl.store(O_PART + prow[:, None] * HEADDIM + offs_d[None, :], o, mask=(row_ok & has)[:, None]
-                     & dmask[None, :])
+            if FUSED:
+                # every row's partial is written (zeros for a row without keys), so the combine loads the
+                # partials without waiting for the log-sum-exps
+                tl.store(O_PART + prow[:, None] * HEADDIM + offs_d[None, :], o, mask=row_ok[:, None] & dmask[None, :])
+            else:
+                tl.store(O_PART + prow[:, None] * HEADDIM + offs_d[None, :], o,
+                         mask=(row_ok & has)[:, None] & dmask[None, :])
+            if FUSED:
+                # the last of the tile's splits to finish combines them: every thread's partial stores are
+                # ordered before the ticket (barrier, then a gpu-scope acq_rel atomic), and the winner's loads
+                # after it; it resets the counter for the next launch on this stream
+                tl.debug_barrier()
+                cidx = bh * num_m_blocks + mb
+                ticket = tl.atomic_add(COUNTER + cidx, 1, sem="acq_rel")
+                if ticket == num_splits - 1:
+                    tl.debug_barrier()
+                    tl.store(COUNTER + cidx, 0)
+                    _combine_tile(O_PART, LSE_PART, OUT, LSE, bh, b, kvh, tl.num_programs(0), mb * BLOCK_M,
+                                  tl.minimum(mb * BLOCK_M + BLOCK_M, rows), num_splits, rows_pad, group, q_start,
+                                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, HEADDIM,
+                                  BLOCK_D, COMB_M, COMB_S, BLOCK_S)
         else:
             o_ptrs = (OUT + b.to(tl.int64) * stride_ob + (q_start + t).to(tl.int64)[:, None] * stride_ot
                       + head.to(tl.int64)[:, None] * stride_oh + offs_d[None, :])
@@ -343,6 +368,55 @@ def _split_kv_kernel(
             lse = tl.where(has, lse2 * 0.6931471805599453, float("inf"))
             tl.store(LSE + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
                      + (q_start + t).to(tl.int64) * stride_lt, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_tile(O_PART, LSE_PART, OUT, LSE, bh, b, kvh, BH, r_lo, r_hi, num_splits, rows_pad, group, q_start,
+                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                  HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, COMB_M: tl.constexpr, COMB_S: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """Merge the splits' partials of query rows [r_lo, r_hi) of (sequence, KV head) ``bh``:
+    out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse).
+
+    COMB_M rows at a time; their partials are read COMB_S splits at a time as one (COMB_M, COMB_S, BLOCK_D)
+    tile, so the loads are in flight together. Every partial was written (zeros for an empty one: lse -inf,
+    weight 0), so the partial loads do not wait for the log-sum-exps; a row whose partials are all empty saw no
+    key: output 0, log-sum-exp +inf. Partials are read past L1 (``.cg``): other programs wrote them.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEADDIM
+    offs_all = tl.arange(0, BLOCK_S)
+    for r0 in range(r_lo, r_hi, COMB_M):
+        offs_r = r0 + tl.arange(0, COMB_M)
+        r_ok = offs_r < r_hi
+        lse_all = tl.load(LSE_PART + (offs_all[None, :] * BH + bh).to(tl.int64) * rows_pad + offs_r[:, None],
+                          mask=r_ok[:, None] & (offs_all < num_splits)[None, :], other=float("-inf"),
+                          cache_modifier=".cg")
+        mx = tl.max(lse_all, 1)
+        mx_use = tl.where(mx == float("-inf"), 0.0, mx)
+        denom = tl.sum(tl.exp2(lse_all - mx_use[:, None]), 1)
+        acc = tl.zeros((COMB_M, BLOCK_D), dtype=tl.float32)
+        for s0 in range(0, num_splits, COMB_S):
+            offs_s = s0 + tl.arange(0, COMB_S)
+            prow = (offs_s[None, :] * BH + bh).to(tl.int64) * rows_pad + offs_r[:, None]
+            ls = tl.load(LSE_PART + prow, mask=r_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
+                         cache_modifier=".cg")
+            w = tl.exp2(ls - mx_use[:, None])
+            o = tl.load(O_PART + prow[:, :, None] * HEADDIM + offs_d[None, None, :],
+                        mask=(r_ok[:, None] & (offs_s < num_splits)[None, :])[:, :, None] & dmask[None, None, :],
+                        other=0.0, cache_modifier=".cg")
+            acc += tl.sum(w[:, :, None] * o, 1)
+        has = denom > 0.0
+        out = acc / tl.where(has, denom, 1.0)[:, None]
+        lse = tl.where(has, (mx_use + tl.log2(tl.where(has, denom, 1.0))) * 0.6931471805599453, float("inf"))
+        t = offs_r // group
+        head = kvh * group + offs_r % group
+        row_off = (b.to(tl.int64) * stride_ob + (q_start + t).to(tl.int64) * stride_ot
+                   + head.to(tl.int64) * stride_oh)
+        tl.store(OUT + row_off[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=r_ok[:, None] & dmask[None, :])
+        tl.store(LSE + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+                 + (q_start + t).to(tl.int64) * stride_lt, lse, mask=r_ok)
 
 
 @triton.jit
@@ -563,7 +637,7 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
                      softcap: float = 0.0, alibi_slopes=None, seqlens_k=None, leftpad=None, batch_idx=None,
                      block_table=None, cu_seqlens_q=None, max_seqlen_q: int | None = None, num_splits: int = 0,
                      unified_max: float | None = None, block_m: int | None = None, seqlen_k_upper=None,
-                     out=None):
+                     out=None, fused_combine: bool | None = None):
     """Attention of q against a KV cache, split over the keys. Inputs are validated by the caller.
 
     q: (batch, seqlen_q, nheads, d), or (total_q, nheads, d) with ``cu_seqlens_q`` (int32, batch + 1) and
@@ -572,7 +646,9 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     sequence's last valid slot (None: the capacity). ``leftpad`` (batch,) int32: first valid slot.
     ``unified_max``: FlashDecoding++'s fixed maximum phi (natural-log units of the scaled score), or None for
     the exact online softmax. ``seqlen_k_upper``: a host bound on the key lengths tighter than the capacity
-    (keys past it are ignored).
+    (keys past it are ignored). ``fused_combine``: with several splits, the last program of each tile merges
+    the partials in the split kernel itself (one launch; default, ``HF_FLASH_DECODE_FUSED=0`` turns it off)
+    instead of a second combine kernel.
     Returns (out like q, lse float32: (batch, nheads, seqlen_q) dense or (nheads, total_q) varlen).
     """
     global last_fallback_flags
@@ -641,44 +717,65 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         alibi_batch_stride = alibi_slopes.stride(0)
 
+    if fused_combine is None:
+        fused_combine = os.environ.get("HF_FLASH_DECODE_FUSED", "0") == "1"
+    fused = split and bool(fused_combine)
+    counter = _counters(q.device, batch * nheads_k * m_blocks) if fused else dummy
+    comb_m = min(BLOCK_M, next_pow2(max(rows, 1)))
+    block_s = max(2, next_pow2(num_splits))
+    # up to 8192 float32 partial values in flight per combine step on the GPU (all the splits of a GQA decode
+    # tile at once); 2 splits a step on the CPU, so that the interpreter tests walk the loop over several steps
+    comb_s = min(block_s, max(1, 8192 // (comb_m * BLOCK_D))) if q.is_cuda else 2
+
     grid = (batch * nheads_k, num_splits, m_blocks)
-    _split_kv_kernel[grid](
-        q, k, v, out, lse, o_part, lse_part, fallback,
-        seqlens_k if seqlens_k is not None else dummy,
-        cu_seqlens_q if varlen else dummy,
-        leftpad if leftpad is not None else dummy,
-        batch_idx if batch_idx is not None else dummy,
-        block_table if paged else dummy,
-        alibi_slopes if alibi_slopes is not None else dummy,
-        sqb, sqt, sqh,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        sob, sot, soh, slb, slh, slt,
-        block_table.stride(0) if paged else 0, alibi_batch_stride,
-        nheads_k, group, seqlen_q, capacity, chunk, rows_pad, k.shape[0],
-        qk_scale2, softcap if has_softcap else 1.0, softcap * LOG2E,
-        float(unified_max) * LOG2E if unified else 0.0, int(window_left), int(window_right),
+    _launch.launch(_split_kv_kernel, grid, dict(
+        Q=q, K=k, V=v, OUT=out, LSE=lse, O_PART=o_part, LSE_PART=lse_part, FALLBACK=fallback, COUNTER=counter,
+        SEQLENS_K=seqlens_k if seqlens_k is not None else dummy,
+        CU_Q=cu_seqlens_q if varlen else dummy,
+        LEFTPAD=leftpad if leftpad is not None else dummy,
+        BATCH_IDX=batch_idx if batch_idx is not None else dummy,
+        BLOCK_TABLE=block_table if paged else dummy,
+        ALIBI=alibi_slopes if alibi_slopes is not None else dummy,
+        stride_qb=sqb, stride_qt=sqt, stride_qh=sqh,
+        stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
+        stride_vb=v.stride(0), stride_vs=v.stride(1), stride_vh=v.stride(2),
+        stride_ob=sob, stride_ot=sot, stride_oh=soh, stride_lb=slb, stride_lh=slh, stride_lt=slt,
+        stride_btb=block_table.stride(0) if paged else 0, stride_alb=alibi_batch_stride,
+        nheads_k=nheads_k, group=group, seqlen_q=seqlen_q, capacity=capacity, chunk=chunk, rows_pad=rows_pad,
+        num_pages=k.shape[0],
+        qk_scale2=qk_scale2, softcap=softcap if has_softcap else 1.0, softcap2=softcap * LOG2E,
+        phi2=float(unified_max) * LOG2E if unified else 0.0, window_left=int(window_left),
+        window_right=int(window_right),
         HAS_SEQLENS=seqlens_k is not None, VARLEN_Q=varlen, HAS_LEFTPAD=leftpad is not None,
         HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
-        WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, HEADDIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device), NUM_STAGES=cfg["num_stages"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+        WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, FUSED=fused, HEADDIM=d, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device),
+        NUM_STAGES=cfg["num_stages"], COMB_M=comb_m, COMB_S=comb_s, BLOCK_S=block_s,
+    ), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
-    if split:
-        block_s = max(2, next_pow2(num_splits))
-        _combine_kernel[(batch * nheads_k, rows)](
-            o_part, lse_part, out, lse, cu_seqlens_q if varlen else dummy,
-            sob, sot, soh, slb, slh, slt,
-            num_splits, nheads_k, group, seqlen_q, rows_pad,
+    if fused:
+        LAUNCHES["fused_combine"] += 1
+    elif split:
+        _launch.launch(_combine_kernel, (batch * nheads_k, rows), dict(
+            O_PART=o_part, LSE_PART=lse_part, OUT=out, LSE=lse, CU_Q=cu_seqlens_q if varlen else dummy,
+            stride_ob=sob, stride_ot=sot, stride_oh=soh, stride_lb=slb, stride_lh=slh, stride_lt=slt,
+            num_splits=num_splits, nheads_k=nheads_k, group=group, seqlen_q=seqlen_q, rows_pad=rows_pad,
             VARLEN_Q=varlen, HEADDIM=d, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
             # 16 KiB of float32 partials in flight per step on the GPU; 4 splits a step on the CPU, so that the
             # interpreter tests walk the loop over several steps
             SPLIT_TILE=min(block_s, max(2, 4096 // BLOCK_D)) if q.is_cuda else 4,
-            num_warps=4 if q.is_cuda else 1,
-        )
+        ), num_warps=4 if q.is_cuda else 1)
         LAUNCHES["combine"] += 1
     return out, lse
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets for the fused combine, one per (sequence and KV head, query tile), allocated per
+    launch. (A buffer kept across launches and reset by the kernel would save the memset, but one first
+    allocated while torch.compile's CUDA-graph trees warm up lives in their private pool, which they reject:
+    measured on the GPU.)"""
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=None, rotary_sin=None,
@@ -706,19 +803,21 @@ def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=No
     vn = v_new if has_new else q
     cos = rotary_cos if rotary_dim > 0 else dummy
     sin = rotary_sin if rotary_dim > 0 else dummy
-    _append_rotary_kernel[(batch, tokens, heads)](
-        q, q_rot, kn, vn, k_cache, v_cache, cos, sin, cache_seqlens,
-        batch_idx if batch_idx is not None else dummy, block_table if paged else dummy,
-        q.stride(0), q.stride(1), q.stride(2), q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
-        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2),
-        rotary_cos.stride(0) if rotary_dim > 0 else 0, block_table.stride(0) if paged else 0,
-        seqlen_q, seqlen_new, k_cache.shape[2], capacity,
-        rotary_cos.shape[0] if rotary_dim > 0 else 1, k_cache.shape[0],
+    _launch.launch(_append_rotary_kernel, (batch, tokens, heads), dict(
+        Q=q, Q_ROT=q_rot, K_NEW=kn, V_NEW=vn, K=k_cache, V=v_cache, COS=cos, SIN=sin, CACHE_SEQLENS=cache_seqlens,
+        BATCH_IDX=batch_idx if batch_idx is not None else dummy, BLOCK_TABLE=block_table if paged else dummy,
+        stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2),
+        stride_rb=q_rot.stride(0), stride_rt=q_rot.stride(1), stride_rh=q_rot.stride(2),
+        stride_nkb=kn.stride(0), stride_nkt=kn.stride(1), stride_nkh=kn.stride(2),
+        stride_nvb=vn.stride(0), stride_nvt=vn.stride(1), stride_nvh=vn.stride(2),
+        stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
+        stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+        stride_cos=rotary_cos.stride(0) if rotary_dim > 0 else 0, stride_btb=block_table.stride(0) if paged else 0,
+        seqlen_q=seqlen_q, seqlen_new=seqlen_new, nheads_k=k_cache.shape[2], capacity=capacity,
+        seqlen_ro=rotary_cos.shape[0] if rotary_dim > 0 else 1, num_pages=k_cache.shape[0],
         ROTARY_DIM=rotary_dim, INTERLEAVED=bool(rotary_interleaved), Q_POS_PER_TOKEN=bool(q_pos_per_token),
         HAS_NEW=has_new, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size, HEADDIM=d,
-        BLOCK_D=max(16, next_pow2(d)), num_warps=1,
-    )
+        BLOCK_D=max(16, next_pow2(d)),
+    ), num_warps=1)
     LAUNCHES["append_rotary" if rotary_dim > 0 else "append"] += 1
     return q_rot

@@ -3,6 +3,7 @@
 * :mod:`~hf_flash.patches.registration`: registers ``attn_implementation="flashtri"`` (the only module that
   touches transformers' internals, behind a version check);
 * :mod:`~hf_flash.patches.attention`: the attention function with transformers' signature;
+* :mod:`~hf_flash.patches.cache`: DynamicCache layers of the decode families grow in place during decoding;
 * :mod:`~hf_flash.patches.gpt2`, :mod:`~hf_flash.patches.llama`: per-family plans, applied automatically to
   models loaded with "flashtri" and by hand with :func:`patch_gpt2` / :func:`patch_llama`.
 
@@ -14,7 +15,8 @@ family              support
 GPT-2               training (attn_pdrop in the kernel, scale_attn_weights, scale_attn_by_inverse_layer_idx,
                     reorder_and_upcast_attn), padded and packed batches, generate() with split-KV decoding
 Llama/Mistral/Qwen2 training with GQA, RoPE, sliding window; padded and packed batches; generate() with
-                    split-KV decoding on DynamicCache/StaticCache, left-padded batches without per-step gathers
+                    split-KV decoding on DynamicCache/StaticCache, left-padded batches without per-step gathers,
+                    DynamicCache layers that grow in place (no per-token torch.cat)
 other models        the generic path (dense, padded, packed, 4-D masks as attn_bias, softcap, sliding window);
                     attention sinks (s_aux) rejected; decode through the generic varlen/dense kernels
 ==================  ==========================================================================================

@@ -26,8 +26,12 @@ def apply(model: torch.nn.Module, match, family: str) -> torch.nn.Module:
             raise TypeError(f"patch_{family}: {type(model).__name__} is not a transformers PreTrainedModel; load it "
                             f'with attn_implementation="{NAME}"')
         model.set_attn_implementation(NAME)
+    from hf_flash.patches import cache
+
     for m, p in plans:
         m._hf_flash_plan = p
+        if p.decode_with_cache:
+            cache.install(m)
     return model
 
 

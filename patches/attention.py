@@ -111,7 +111,11 @@ def plan_for(module: torch.nn.Module) -> LayerPlan:
     try:
         module._hf_flash_plan = plan
     except Exception:  # noqa: BLE001 - a module that refuses attributes just resolves again next call
-        pass
+        return plan
+    if plan.decode_with_cache:
+        from hf_flash.patches import cache
+
+        cache.install(module)  # DynamicCache layers grow in place from the next forward on
     return plan
 
 
@@ -274,9 +278,8 @@ def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         out = _iface.flash_attn_func(q, k, v, dropout, causal=False, attn_bias=mask, **kw)
     elif _use_decode(plan, q, k, mask, dropout, sliding_window):
         cache_seqlens, cache_leftpad = _decode_lengths(mask)
-        out = _kvcache.flash_attn_with_kvcache(q, k, v, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                                               softmax_scale=scaling, causal=is_causal,
-                                               window_size=kw["window_size"], softcap=kw["softcap"])
+        out = _kvcache.decode_attention(q, k, v, cache_seqlens, cache_leftpad, scaling, bool(is_causal),
+                                        kw["window_size"], kw["softcap"])
     elif mask is not None:
         if mask.dim() != 2:
             raise ValueError(f'attn_implementation="flashtri" takes a 2-D padding mask or a 4-D mask, got '

@@ -7,6 +7,9 @@ tensors as transformers hands them over (views, no ``repeat_kv``, no copy); for 
 becomes ``cache_leftpad`` / ``cache_seqlens`` on the device, so no step gathers or unpads the cache (transformers'
 own FlashAttention path does, at every step).
 
+With a DynamicCache, each layer's cache grows in place during decoding (:mod:`hf_flash.patches.cache`): no
+``torch.cat`` of the whole cache per token.
+
 Not done: fusing the new token's rotary embedding and cache append into the decode call (transformers' cache
 ``update`` appends first); sliding-window layers of a StaticCache (a rolling buffer) use the generic path.
 """

@@ -1,5 +1,6 @@
-"""Registration of ``attn_implementation="flashtri"`` with transformers: the only module of hf_flash that touches
-transformers' internals.
+"""Registration of ``attn_implementation="flashtri"`` with transformers: with :mod:`hf_flash.patches.cache` (the
+DynamicCache layers that grow in place, an optimisation that leaves transformers' behaviour as it is when its
+internals differ), the only module of hf_flash that touches transformers' internals.
 
 What it does, each step idempotent:
 

@@ -137,8 +137,12 @@ def make_cache(device, batch, cap, hk, d, dtype, gen=None):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_every_split_count(device, group):
-    """Every split count from 1 to more splits than blocks, lengths 1 / odd / not a multiple of the block."""
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_every_split_count(device, group, fused, monkeypatch):
+    """Every split count from 1 to more splits than blocks, lengths 1 / odd / not a multiple of the block;
+    partials combined by the separate combine kernel (the default) and inside the split kernel (fused)."""
+    monkeypatch.setenv("HF_FLASH_DECODE_FUSED", fused)
+    combine = "fused_combine" if fused == "1" else "combine"
     g = torch.Generator().manual_seed(group)
     hk, d, dtype = (2, 40, torch.float32) if not _big(device) else (4, 128, LOW)
     cap = 37 if not _big(device) else 1000
@@ -152,7 +156,7 @@ def test_every_split_count(device, group):
     ref, ref_lo, lse_ref = ref_cache_attention(q, k, v, lengths)
     counts = sorted({1, 2, 3, n_blocks, n_blocks + 3}) if not _big(device) else [1, 2, 7, 64, n_blocks + 5]
     for ns in counts:
-        with launched("split_kv", *(["combine"] if ns > 1 else [])):
+        with launched("split_kv", *([combine] if ns > 1 else [])):
             out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=ns,
                                                return_softmax_lse=True)
         check_out(out, ref, ref_lo, lse, lse_ref)
@@ -553,3 +557,32 @@ def test_cuda_graph_decode_step():
         torch.cuda.synchronize()
         torch.testing.assert_close(out_static, expect, atol=0, rtol=0)
     torch.testing.assert_close(k, k_eager, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_direct_launch_reuses_the_compiled_kernel_and_respects_its_specialization():
+    """The second identical call launches the compiled kernel directly (no JITFunction.run); a query whose data
+    pointer is not 16-byte aligned (Triton specializes on alignment) takes the normal path, and every result
+    matches the reference."""
+    from hf_flash.kernels import _launch
+
+    g = torch.Generator().manual_seed(3)
+    hk, group, d, cap = 8, 4, 128, 3000
+    k, v = make_cache("cuda", 2, cap, hk, d, LOW, g)
+    q = torch.randn(2, 1, hk * group, d, dtype=LOW, generator=g).cuda()
+    seqlens = torch.tensor([cap, 1234], dtype=torch.int32, device="cuda")
+    ref, ref_lo, lse_ref = ref_cache_attention(q, k, v, [cap, 1234])
+    flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens)
+    before = dict(_launch.STATS)
+    out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, return_softmax_lse=True)
+    assert _launch.STATS["direct"] > before["direct"] and _launch.STATS["normal"] == before["normal"]
+    check_out(out, ref, ref_lo, lse, lse_ref)
+    # the same values at a 2-byte offset: a different specialization, so the normal path (and a new compile)
+    buf = torch.empty(q.numel() + 1, dtype=LOW, device="cuda")
+    q_odd = buf[1:].view_as(q)
+    q_odd.copy_(q)
+    assert q_odd.data_ptr() % 16 != 0
+    before = dict(_launch.STATS)
+    out, lse = flash_attn_with_kvcache(q_odd, k, v, cache_seqlens=seqlens, return_softmax_lse=True)
+    assert _launch.STATS["normal"] > before["normal"]
+    check_out(out, ref, ref_lo, lse, lse_ref)

@@ -104,7 +104,7 @@ def test_sampling_equals_sdpa_under_a_seed(models):
 
 
 def test_decode_reads_the_cache_in_place(models, monkeypatch):
-    """A decode step hands flash_attn_with_kvcache the cache storage itself (no repeat_kv, no gather)."""
+    """A decode step hands the split-KV kernel the cache storage itself (no repeat_kv, no gather)."""
     from transformers import DynamicCache
 
     from hf_flash import kvcache
@@ -117,13 +117,13 @@ def test_decode_reads_the_cache_in_place(models, monkeypatch):
     with torch.no_grad():
         out = fl(ids, attention_mask=mask, use_cache=True, **ckw)
     seen = []
-    real = kvcache.flash_attn_with_kvcache
+    real = kvcache.decode_attention
 
-    def spy(q, k_cache, v_cache, **kw):
-        seen.append((k_cache, v_cache, kw))
-        return real(q, k_cache, v_cache, **kw)
+    def spy(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args):
+        seen.append((k_cache, v_cache, dict(cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)))
+        return real(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args)
 
-    monkeypatch.setattr(kvcache, "flash_attn_with_kvcache", spy)
+    monkeypatch.setattr(kvcache, "decode_attention", spy)
     nxt = out.logits[:, -1:].argmax(-1)
     mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
     with torch.no_grad():
@@ -194,6 +194,48 @@ def test_static_cache_compiled_decode_matches_eager(models):
         torch._dynamo.reset()
     assert compiled_graphs > 0  # the decode steps ran compiled, not eagerly
     assert torch.equal(got, want)
+
+
+def test_dynamic_cache_grows_in_place(models):
+    """Decode steps write into spare slots of one buffer per layer (no torch.cat of the whole cache per token):
+    the layers become GrowingDynamicLayer, their keys stay views of the same storage from step to step, the cache
+    holds exactly what sdpa's cat-grown cache holds, and crop / beam reordering still work."""
+    from transformers.cache_utils import DynamicLayer
+
+    fl, sdpa = models["llama"]
+    ids, mask = _prompt(3)
+    kw = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True)
+    got = fl.generate(ids, attention_mask=mask, **kw)
+    want = sdpa.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    cache, ref = got.past_key_values, want.past_key_values
+    assert cache.get_seq_length() == ref.get_seq_length() == S["prompt"] + S["new"] - 1
+    for layer, ref_layer in zip(cache.layers, ref.layers):
+        assert type(layer).__name__ == "GrowingDynamicLayer" and isinstance(layer, DynamicLayer)
+        assert type(ref_layer) is DynamicLayer, "sdpa models keep transformers' own layers"
+        buf_k, buf_v = layer._hf_flash_buf
+        assert layer.keys.data_ptr() == buf_k.data_ptr() and buf_k.shape[2] > layer.keys.shape[2]
+        # float32; on the GPU the attention runs in TF32 (both implementations), so deeper layers' inputs differ
+        tol = 2e-2 if ON_GPU else 2e-5
+        torch.testing.assert_close(layer.keys, ref_layer.keys, rtol=tol, atol=tol)
+        torch.testing.assert_close(layer.values, ref_layer.values, rtol=tol, atol=tol)
+
+    # one more step by hand: the storage does not move, the token lands in the next slot
+    ptrs = [layer.keys.data_ptr() for layer in cache.layers]
+    seq = got.sequences
+    mask2 = torch.cat([mask, torch.ones(3, seq.shape[1] - mask.shape[1] + 1, dtype=mask.dtype, device=DEVICE)], 1)
+    ckw = {"past_key_values": cache} if transformers.__version__.startswith("5.17") else {"cache": cache}
+    with torch.no_grad():
+        fl(seq[:, -1:], attention_mask=mask2, use_cache=True, position_ids=mask2.sum(-1, keepdim=True) - 1, **ckw)
+    assert [layer.keys.data_ptr() for layer in cache.layers] == ptrs
+    assert cache.get_seq_length() == S["prompt"] + S["new"]
+
+    # crop keeps a view (still in place); beam search reorders rows (a new buffer) and stays equal to sdpa
+    cache.crop(-(S["new"]))  # negative: tokens to remove (5.17 and 5.24)
+    assert cache.get_seq_length() == S["prompt"] and cache.layers[0].keys.data_ptr() == ptrs[0]
+    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(fl.generate(ids, attention_mask=mask, **beams), sdpa.generate(ids, attention_mask=mask, **beams))
 
 
 def test_decode_mask_is_handed_over_without_a_host_check():

@@ -11,6 +11,8 @@ same weights for both), everything measured in one run:
   - StaticCache + ``torch.compile(mode="reduce-overhead")`` of one decode step (the model's forward on one token
     per sequence, the static 2-D mask and position ids updated in place between steps); CUDA events around
     each step, median;
+  - the floor of a default generate() step: the same generate() with an attention function that returns its
+    query untouched (transformers' own time per step, which no attention implementation can go below);
   - the memory roofline of a step: (weight bytes read per token + KV-cache bytes read) / the device's copy rate
     measured in the same run (``dst.copy_(src)`` of 1 GiB: read + write bytes / time);
 * prefill time at 32k and 128k (batch 1, a fresh DynamicCache, logits of the last token only);
@@ -299,7 +301,19 @@ def train_step(model, tokens: int, checkpointing: bool, reps: int) -> dict:
 # ------------------------------------------------------------------------------------------------- driver
 
 
+# no "flash" in the name: transformers would treat it as a FlashAttention flavour and look for a hub kernel
+NULL_ATTENTION = "null_attention_floor"
+
+
+def _null_attention(module, query, key, value, attention_mask, **kwargs):
+    return query.transpose(1, 2), None
+
+
 def _set_impl(model, impl: str):
+    if impl == NULL_ATTENTION:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NULL_ATTENTION, _null_attention)
     model.set_attn_implementation(impl)
     if impl == "flashtri":
         import hf_flash
@@ -386,6 +400,13 @@ def run(quick: bool = False, out_dir: str = "benchmarks/results") -> dict:
             case["sdpa_over_roofline"] = C.ratio(s, roof)
             case["tokens_per_s"] = {impl: (batch * 1e3 / case[impl]["ms_per_step"]
                                            if case[impl]["ms_per_step"] else None) for impl in IMPLS}
+            if kind == "decode":
+                # the same generate() with an attention function that does no work: transformers' own time per
+                # step (the rest of the model, the cache's torch.cat, generate()'s loop), below which no
+                # attention implementation can bring a default generate() step
+                _set_impl(model, NULL_ATTENTION)
+                ms, err = _try(lambda: decode_generate_ms(model, n, batch, sz["gen_steps"], sz["reps"]))
+                case["null_attention"] = {"ms_per_step": ms, "error": err}
         elif kind == "prefill":
             case["speedup_vs_sdpa"] = C.ratio(case["sdpa"]["ms"], case["flashtri"]["ms"])
             case["peak_ratio"] = C.ratio(case["flashtri"].get("peak_gib"), case["sdpa"].get("peak_gib"))
@@ -430,21 +451,22 @@ def _table(cases) -> dict:
         f, s = c["flashtri"], c["sdpa"]
         if c["kind"] in ("decode", "static"):
             rows.append([_label(c), f["ms_per_step"], s["ms_per_step"], c["speedup_vs_sdpa"], c["roofline_ms"],
-                         c["flashtri_over_roofline"], None, None, f["error"] or s["error"]])
+                         c["flashtri_over_roofline"], c.get("null_attention", {}).get("ms_per_step"), None, None,
+                         f["error"] or s["error"]])
         elif c["kind"] == "prefill":
-            rows.append([_label(c), f["ms"], s["ms"], c["speedup_vs_sdpa"], None, None, f.get("peak_gib"),
+            rows.append([_label(c), f["ms"], s["ms"], c["speedup_vs_sdpa"], None, None, None, f.get("peak_gib"),
                          s.get("peak_gib"), f["error"] or s["error"]])
         elif c["kind"] == "long":
             ms = {k: (None if x.get("total_s") is None else x["total_s"] * 1e3) for k, x in (("f", f), ("s", s))}
             rows.append([_label(c) + f" +{f.get('new_tokens') or s.get('new_tokens')} tokens", ms["f"], ms["s"],
-                         c["speedup_vs_sdpa"], None, None, f.get("peak_gib"), s.get("peak_gib"),
+                         c["speedup_vs_sdpa"], None, None, None, f.get("peak_gib"), s.get("peak_gib"),
                          f["error"] or s["error"]])
         else:
-            rows.append([_label(c), f.get("ms"), s.get("ms"), c["speedup_vs_sdpa"], None, None,
+            rows.append([_label(c), f.get("ms"), s.get("ms"), c["speedup_vs_sdpa"], None, None, None,
                          f.get("peak_gib"), s.get("peak_gib"), f["error"] or s["error"]])
     return {"title": "e2e: Llama-3-8B shapes, bf16 (speedup = sdpa time / flashtri time)",
             "columns": ["case", "flashtri ms", "sdpa ms", "speedup", "roofline ms", "flashtri/roof",
-                        "flashtri GiB", "sdpa GiB", "error"],
+                        "null-attention ms", "flashtri GiB", "sdpa GiB", "error"],
             "rows": rows}
 
 
