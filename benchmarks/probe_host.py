@@ -9,7 +9,6 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,19 +17,7 @@ import torch  # noqa: E402
 from hf_flash.kernels import decode  # noqa: E402
 from hf_flash.kernels import _launch  # noqa: E402
 from hf_flash import kvcache  # noqa: E402
-
-
-def per_call_us(fn, n=400):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    total = (time.perf_counter() - t) / n * 1e6
-    return host, total
+from probe_decode import host_us  # noqa: E402 - benchmarks/ is this script's directory
 
 
 def main():
@@ -43,9 +30,9 @@ def main():
     x = torch.empty(8, device="cuda")
     fn3 = lambda: torch.add(x, 1)  # noqa: E731
     for name, f in (("split_kv_forward", fn), ("decode_attention", fn2), ("torch.add", fn3)):
-        print(f"{name}: host {per_call_us(f)[0]:.1f} us/call, stats {_launch.STATS}", flush=True)
+        print(f"{name}: host {host_us(f):.1f} us/call, stats {_launch.STATS}", flush=True)
     os.environ["HF_FLASH_DIRECT_LAUNCH"] = "0"
-    print(f"split_kv_forward without direct launch: host {per_call_us(fn)[0]:.1f} us/call", flush=True)
+    print(f"split_kv_forward without direct launch: host {host_us(fn):.1f} us/call", flush=True)
     os.environ["HF_FLASH_DIRECT_LAUNCH"] = "1"
     prof = cProfile.Profile()
     prof.enable()
