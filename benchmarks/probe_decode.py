@@ -60,9 +60,66 @@ def host_us(fn, n=300):
     return host
 
 
+def chain_case(seqlen, hk, layers=32):
+    """A model step's view: ``layers`` decode calls on as many caches (one per layer, so nothing stays in L2)
+    captured in one CUDA graph; the replay time / layers is what one layer's attention costs inside a captured
+    step, where the graph-launch floor is paid once per step, not once per call. hf_flash with the combine
+    launched normally and as a programmatic dependent launch, and SDPA's FLASH_ATTENTION and CUDNN_ATTENTION
+    (enable_gqa; expanded KV heads where a backend refuses it) on the same caches."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    F = torch.nn.functional
+    qs = [torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+    ks = [torch.randn(1, seqlen, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+    vs = [torch.randn_like(k) for k in ks]
+    lens = torch.full((1,), seqlen, dtype=torch.int32, device="cuda")
+
+    def hf():
+        for q, k, v in zip(qs, ks, vs):
+            decode.split_kv_forward(q, k, v, softmax_scale=128 ** -0.5, seqlens_k=lens)
+
+    def sdpa(backend, expand):
+        qt = [q.transpose(1, 2) for q in qs]
+        if expand:
+            kt = [k.repeat_interleave(32 // hk, dim=2).transpose(1, 2) for k in ks]
+            vt = [v.repeat_interleave(32 // hk, dim=2).transpose(1, 2) for v in vs]
+        else:
+            kt, vt = [k.transpose(1, 2) for k in ks], [v.transpose(1, 2) for v in vs]
+        kw = {} if expand or hk == 32 else {"enable_gqa": True}
+
+        def fn():
+            with sdpa_kernel(backend):
+                for a, b, c in zip(qt, kt, vt):
+                    F.scaled_dot_product_attention(a, b, c, **kw)
+        return fn
+
+    out = {"seqlen": seqlen, "hk": hk, "layers": layers}
+    kv = 2 * ks[0].numel() * 2
+    runs = [("hf_split_pdl", hf, "1"), ("hf_split", hf, "0")]
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        fn = sdpa(backend, False)
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - this backend wants equal head counts
+            fn = sdpa(backend, True)
+            name += "_expanded"
+        runs.append((name, fn, "1"))
+    for name, fn, pdl in runs:
+        os.environ["HF_FLASH_DECODE_PDL"] = pdl
+        try:
+            g = graph_of(fn)
+            ms = triton.testing.do_bench(g.replay, warmup=20, rep=100, return_mode="median")
+            out[name] = {"us_per_layer": ms * 1e3 / layers, "tbs": kv * layers / ms / 1e9}
+        except Exception as exc:  # noqa: BLE001 - the failure is the measurement
+            out[name] = {"error": str(exc)[:200]}
+    os.environ.pop("HF_FLASH_DECODE_PDL", None)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--chain", action="store_true", help="also the 32-layer chained measurement")
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "cases": []}
     x = torch.empty(16, device="cuda")
@@ -85,6 +142,13 @@ def main():
         res["cases"].append(case)
         print(json.dumps(case), flush=True)
     res["HF_FLASH_DIRECT_LAUNCH"] = os.environ.get("HF_FLASH_DIRECT_LAUNCH")
+    res["HF_FLASH_DECODE_PDL"] = os.environ.get("HF_FLASH_DECODE_PDL")
+    if args.chain:
+        res["chain"] = []
+        for seqlen, hk in ((4096, 8), (16384, 8), (65536, 32)):
+            res["chain"].append(chain_case(seqlen, hk, layers=32 if seqlen * hk <= 16384 * 8 else 8))
+            print(json.dumps(res["chain"][-1]), flush=True)
+            torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -15,6 +15,9 @@ its fake gives the output shapes), so the compiled graph holds one opaque node.
 
 from __future__ import annotations
 
+import collections
+import os
+
 import torch
 
 from hf_flash import _validate as V
@@ -281,13 +284,33 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
+# Decode plans (kernels.decode.DecodePlan) by call signature; a decode step uses one or two (layer types).
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+_PLAN_SLOTS = 4
+
+
+def _env_key() -> tuple:
+    get = os.environ.get
+    return (get("HF_FLASH_DECODE_PLAN"), get("HF_FLASH_DECODE_CONFIG"), get("HF_FLASH_DECODE_FUSED"),
+            get("HF_FLASH_DIRECT_LAUNCH"), get("HF_FLASH_DECODE_PDL"))
+
+
+def _opt_key(t):
+    return None if t is None else (t.dtype, t.data_ptr() % 16, t.device)
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal: bool,
                      window_size: tuple[int, int], softcap: float):
     """``flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=..., cache_leftpad=..., ...)`` without the
     public API's argument checks, for callers whose tensors are consistent by construction (the "flashtri"
     attention function in a decode step: q, k, v of one dtype and device from the model, ``cache_seqlens`` /
     ``cache_leftpad`` int32 made on the device from the mask). The checks cost as much host time as the launch
-    (measured ~40 us of a ~85 us call on the CPU); a 32-layer model pays them at every token. Under
+    (measured ~40 us of a ~85 us call on the CPU); a 32-layer model pays them at every token.
+
+    The first call of a signature (shapes, strides, dtypes, 16-byte alignment, options, stream) records a
+    :class:`~hf_flash.kernels.decode.DecodePlan`; the other layers of the step replay it (one output allocation
+    and two direct launches). ``HF_FLASH_DECODE_PLAN=0`` turns plans off. While a CUDA graph is captured the
+    general launcher runs (a plan's buffers must not be baked into a graph that may outlive it); under
     ``torch.compile`` this goes through the checked custom-op path."""
     if torch.compiler.is_compiling():
         return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
@@ -297,9 +320,35 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
     if causal:
         right = 0
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
+    if q.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left,
+                                         window_right=right, softcap=softcap, seqlens_k=cache_seqlens,
+                                         leftpad=cache_leftpad, unified_max=UNIFIED_MAX_DEFAULT)[0]
+        stream = torch._C._cuda_getCurrentRawStream(q.device.index)
+    else:
+        stream = 0
+    env = _env_key()
+    if env[0] == "0":
+        return _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
+                                     softcap=softcap, seqlens_k=cache_seqlens, leftpad=cache_leftpad,
+                                     unified_max=UNIFIED_MAX_DEFAULT)[0]
+    key = (q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(), q.dtype,
+           k_cache.dtype, q.device, stream, q.data_ptr() % 16, k_cache.data_ptr() % 16, v_cache.data_ptr() % 16,
+           _opt_key(cache_seqlens), _opt_key(cache_leftpad), scale, left, right, softcap, UNIFIED_MAX_DEFAULT, env,
+           torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan(q, k_cache, v_cache, cache_seqlens, cache_leftpad)
+    out, plan = _dec.plan_decode(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
                                  softcap=softcap, seqlens_k=cache_seqlens, leftpad=cache_leftpad,
-                                 unified_max=UNIFIED_MAX_DEFAULT)[0]
+                                 unified_max=UNIFIED_MAX_DEFAULT)
+    if plan is not None:
+        _PLANS[key] = plan
+        if len(_PLANS) > _PLAN_SLOTS:
+            _PLANS.popitem(last=False)
+    return out
 
 
 def split_kv_attention(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,

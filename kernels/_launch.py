@@ -68,15 +68,20 @@ class _Cache:
         self.broken = False
 
 
-def launch(fn, grid, args: dict, *, num_warps: int, num_stages: int = 1):
+def launch(fn, grid, args: dict, *, num_warps: int, num_stages: int = 1, launch_pdl: bool = False):
     """``fn[grid](**args, num_warps=..., num_stages=...)``, through the compiled kernel's launcher once known.
 
     ``args`` maps every parameter name of ``fn`` to its value, constexprs included (their values go into the
     key as they are). A parameter gets the same kind of value (tensor, int, float) at every call.
+    ``launch_pdl``: launch as a programmatic dependent launch (Hopper and later; the kernel must call
+    ``gdc_wait`` before it reads what the previous kernel on the stream writes).
     """
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if launch_pdl:
+        opts["launch_pdl"] = True
     if not direct_launch_enabled():
         STATS["normal"] += 1
-        return fn[tuple(grid)](**args, num_warps=num_warps, num_stages=num_stages)
+        return fn[tuple(grid)](**args, **opts)
     cache = getattr(fn, "_hf_flash_launch", None)
     if cache is None:
         cache = _Cache(fn, [args[n] for n in fn.arg_names])
@@ -85,7 +90,7 @@ def launch(fn, grid, args: dict, *, num_warps: int, num_stages: int = 1):
     if direct:
         values = [args[n] for n in cache.names]
         device = torch.cuda.current_device()
-        key = (device, num_warps, num_stages, tuple([values[i] for i in cache.constexprs]),
+        key = (device, num_warps, num_stages, launch_pdl, tuple([values[i] for i in cache.constexprs]),
                tuple([(values[i].dtype, values[i].data_ptr() % 16 == 0) for i in cache.ptr_idx]),
                tuple([_int_flags(values[i]) for i in cache.int_idx]))
         kernel = cache.kernels.get(key)
@@ -95,7 +100,7 @@ def launch(fn, grid, args: dict, *, num_warps: int, num_stages: int = 1):
             kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
             STATS["direct"] += 1
             return kernel
-    kernel = fn[tuple(grid)](**args, num_warps=num_warps, num_stages=num_stages)
+    kernel = fn[tuple(grid)](**args, **opts)
     STATS["normal"] += 1
     if direct:
         if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):

@@ -51,8 +51,25 @@ from hf_flash.kernels.configs import cdiv, next_pow2
 from hf_flash.kernels import _launch
 from hf_flash.kernels._common import mma, tanh_f32
 
+try:  # grid dependency control for programmatic dependent launch (triton >= 3.3; Hopper and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - older triton: the PDL path is never enabled
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 __all__ = [
     "LAUNCHES",
+    "DecodePlan",
+    "plan_decode",
     "split_kv_forward",
     "append_kv",
     "num_splits_heuristic",
@@ -214,8 +231,12 @@ def _split_kv_kernel(
     WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UNIFIED: tl.constexpr, SPLIT: tl.constexpr,
     FUSED: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, COMB_M: tl.constexpr,
-    COMB_S: tl.constexpr, BLOCK_S: tl.constexpr,
+    COMB_S: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        # the combine kernel may be launched once every program of this grid has started; it waits (gdc_wait)
+        # for this grid to finish before it reads the partials
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     mb = tl.program_id(2)
@@ -425,7 +446,7 @@ def _combine_kernel(
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
     num_splits, nheads_k, group, seqlen_q, rows_pad,
     VARLEN_Q: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    SPLIT_TILE: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Merge the splits' partials of one query row: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse).
 
@@ -445,6 +466,10 @@ def _combine_kernel(
     else:
         q_start = 0
         sq = seqlen_q
+    if PDL:
+        # launched early (programmatic dependent launch): wait until the split kernel's partials are written.
+        # CU_Q above was written before the split kernel started, so it is safe to read earlier.
+        gdc_wait()
     if r < group * sq:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEADDIM
@@ -637,7 +662,7 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
                      softcap: float = 0.0, alibi_slopes=None, seqlens_k=None, leftpad=None, batch_idx=None,
                      block_table=None, cu_seqlens_q=None, max_seqlen_q: int | None = None, num_splits: int = 0,
                      unified_max: float | None = None, block_m: int | None = None, seqlen_k_upper=None,
-                     out=None, fused_combine: bool | None = None):
+                     out=None, fused_combine: bool | None = None, record: list | None = None):
     """Attention of q against a KV cache, split over the keys. Inputs are validated by the caller.
 
     q: (batch, seqlen_q, nheads, d), or (total_q, nheads, d) with ``cu_seqlens_q`` (int32, batch + 1) and
@@ -648,7 +673,8 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     the exact online softmax. ``seqlen_k_upper``: a host bound on the key lengths tighter than the capacity
     (keys past it are ignored). ``fused_combine``: with several splits, the last program of each tile merges
     the partials in the split kernel itself (one launch; default, ``HF_FLASH_DECODE_FUSED=0`` turns it off)
-    instead of a second combine kernel.
+    instead of a second combine kernel. ``record``: a list that receives, per kernel launched, (kernel function,
+    grid, arguments, compiled kernel, launch options), for :class:`DecodePlan`.
     Returns (out like q, lse float32: (batch, nheads, seqlen_q) dense or (nheads, total_q) varlen).
     """
     global last_fallback_flags
@@ -727,8 +753,9 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     # tile at once); 2 splits a step on the CPU, so that the interpreter tests walk the loop over several steps
     comb_s = min(block_s, max(1, 8192 // (comb_m * BLOCK_D))) if q.is_cuda else 2
 
+    pdl = split and not fused and q.is_cuda and _pdl_ok(q.device)
     grid = (batch * nheads_k, num_splits, m_blocks)
-    _launch.launch(_split_kv_kernel, grid, dict(
+    split_args = dict(
         Q=q, K=k, V=v, OUT=out, LSE=lse, O_PART=o_part, LSE_PART=lse_part, FALLBACK=fallback, COUNTER=counter,
         SEQLENS_K=seqlens_k if seqlens_k is not None else dummy,
         CU_Q=cu_seqlens_q if varlen else dummy,
@@ -751,23 +778,139 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
         WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, FUSED=fused, HEADDIM=d, BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device),
-        NUM_STAGES=cfg["num_stages"], COMB_M=comb_m, COMB_S=comb_s, BLOCK_S=block_s,
-    ), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        NUM_STAGES=cfg["num_stages"], COMB_M=comb_m, COMB_S=comb_s, BLOCK_S=block_s, PDL=pdl,
+    )
+    split_opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kernel = _launch.launch(_split_kv_kernel, grid, split_args, **split_opts)
+    if record is not None:
+        record.append((_split_kv_kernel, grid, split_args, kernel, split_opts))
     LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
     if fused:
         LAUNCHES["fused_combine"] += 1
     elif split:
-        _launch.launch(_combine_kernel, (batch * nheads_k, rows), dict(
+        comb_args = dict(
             O_PART=o_part, LSE_PART=lse_part, OUT=out, LSE=lse, CU_Q=cu_seqlens_q if varlen else dummy,
             stride_ob=sob, stride_ot=sot, stride_oh=soh, stride_lb=slb, stride_lh=slh, stride_lt=slt,
             num_splits=num_splits, nheads_k=nheads_k, group=group, seqlen_q=seqlen_q, rows_pad=rows_pad,
             VARLEN_Q=varlen, HEADDIM=d, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
             # 16 KiB of float32 partials in flight per step on the GPU; 4 splits a step on the CPU, so that the
             # interpreter tests walk the loop over several steps
-            SPLIT_TILE=min(block_s, max(2, 4096 // BLOCK_D)) if q.is_cuda else 4,
-        ), num_warps=4 if q.is_cuda else 1)
+            SPLIT_TILE=min(block_s, max(2, 4096 // BLOCK_D)) if q.is_cuda else 4, PDL=pdl,
+        )
+        comb_opts = dict(num_warps=4 if q.is_cuda else 1, launch_pdl=pdl)
+        kernel = _launch.launch(_combine_kernel, (batch * nheads_k, rows), comb_args, **comb_opts)
+        if record is not None:
+            record.append((_combine_kernel, (batch * nheads_k, rows), comb_args, kernel, comb_opts))
         LAUNCHES["combine"] += 1
+        if pdl:
+            LAUNCHES["combine_pdl"] += 1
     return out, lse
+
+
+class _Recorded:
+    """One recorded launch: the kernel's argument values in parameter order, and where the per-call tensors go."""
+
+    __slots__ = ("fn", "grid", "names", "values", "slots", "kernel", "opts")
+
+    def __init__(self, fn, grid, args: dict, kernel, opts: dict, roles: dict):
+        self.fn, self.grid, self.kernel, self.opts = fn, tuple(grid) + (1,) * (3 - len(grid)), kernel, opts
+        if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            kernel = None  # the interpreter (or a triton without a launcher): replayed through fn[grid]
+        self.kernel = kernel
+        self.names = tuple(fn.arg_names)
+        self.values = [args[n] for n in self.names]
+        # parameter index -> role ("q", "k", "v", "out", "seqlens", "leftpad") for the tensors a call brings; the
+        # recorded call's tensors are dropped (a plan must not keep a KV cache alive)
+        self.slots = tuple((self.names.index(n), role) for n, role in roles.items())
+        for i, _ in self.slots:
+            self.values[i] = None
+
+    def run(self, call: dict):
+        values = self.values.copy()
+        for i, role in self.slots:
+            values[i] = call[role]
+        kernel = self.kernel
+        if kernel is not None and _launch.direct_launch_enabled() and _launch._no_hooks():
+            device = call["q"].device.index
+            stream = torch._C._cuda_getCurrentRawStream(device)
+            g = self.grid
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
+            _launch.STATS["direct"] += 1
+        else:
+            self.fn[self.grid](**dict(zip(self.names, values)), **self.opts)
+            _launch.STATS["normal"] += 1
+
+
+class DecodePlan:
+    """A split-KV decode call recorded once and replayed for calls whose shapes, strides, dtypes, alignment and
+    options are the same (every layer of a model's decode step): the compiled kernels are launched directly
+    with the call's q / k / v / lengths and a new output swapped into the recorded arguments, and the partials,
+    their log-sum-exps and the log-sum-exp output live in the plan (reused call after call on the stream the plan
+    belongs to, so in stream order). What is left per call is one output allocation and two launches.
+
+    Why: a 32-layer model makes this call 32 times per generated token, and on the GPU box the general launcher
+    (argument handling, four allocations, two argument dicts of ~60 entries) cost ~350 us of host time per call
+    in a decode step, several times the kernel time at 4k tokens of context (benchmarks/results/logs_2026-11-25d).
+    Made by :func:`plan_decode`; not used while a CUDA graph is captured or under torch.compile.
+    """
+
+    __slots__ = ("launches", "out_shape", "dtype", "device", "workspace", "launch_labels")
+
+    def __init__(self, launches, out_shape, dtype, device, workspace, launch_labels):
+        self.launches, self.out_shape, self.dtype, self.device = launches, out_shape, dtype, device
+        self.workspace, self.launch_labels = workspace, launch_labels
+
+    def __call__(self, q, k, v, seqlens=None, leftpad=None):
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        call = {"q": q, "k": k, "v": v, "out": out, "seqlens": seqlens, "leftpad": leftpad}
+        for launch in self.launches:
+            launch.run(call)
+        for label in self.launch_labels:
+            LAUNCHES[label] += 1
+        LAUNCHES["plan"] += 1
+        return out
+
+
+def plan_decode(q, k, v, *, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                seqlens_k=None, leftpad=None, unified_max=None):
+    """Run ``split_kv_forward`` on these inputs and return (out, a :class:`DecodePlan` that repeats the call for
+    other tensors of the same shapes, strides, dtypes and alignment, or None where a plan cannot be made: the
+    unified-max variant, whose fallback flags must be zeroed per call)."""
+    record: list = []
+    before = LAUNCHES.copy()
+    out, _ = split_kv_forward(q, k, v, softmax_scale=softmax_scale, window_left=window_left,
+                              window_right=window_right, softcap=softcap, seqlens_k=seqlens_k, leftpad=leftpad,
+                              unified_max=unified_max, record=record)
+    labels = [name for name, n in (LAUNCHES - before).items() for _ in range(n)]
+    if unified_max is not None or not record or any(name == "fused_combine" for name in labels):
+        return out, None
+    launches, workspace = [], set()
+    for fn, grid, args, kernel, opts in record:
+        roles = {"Q": "q", "K": "k", "V": "v", "OUT": "out", "SEQLENS_K": "seqlens", "LEFTPAD": "leftpad"}
+        roles = {n: r for n, r in roles.items() if n in args and (r != "seqlens" or seqlens_k is not None)
+                 and (r != "leftpad" or leftpad is not None)}
+        launches.append(_Recorded(fn, grid, args, kernel, opts, roles))
+        workspace.update(n for n in ("LSE", "O_PART", "LSE_PART") if n in args)
+    return out, DecodePlan(tuple(launches), tuple(q.shape), q.dtype, q.device, tuple(sorted(workspace)), labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _pdl_capable(index: int) -> bool:
+    return HAS_GDC and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    """Launch the combine kernel as a programmatic dependent launch (PDL) of the split kernel: with
+    ``HF_FLASH_DECODE_PDL=1``, on Hopper and later with a triton that has grid dependency control. Off by default.
+
+    Measured on the H100 (benchmarks/results/logs_2026-11-25d): inside a captured 32-layer chain the combine's
+    launch overlaps the split kernel's tail, 13.2 vs 13.6 us per layer at 4k tokens and 30.2 vs 30.9 at 16k
+    (32/8 heads, 2.5%); launched eagerly, a host-bound 8-layer decode loop was slower with it (28.4 vs 14.9 ms
+    per step). Turning it on only while a graph is captured would compile the PDL variant during the capture
+    (not allowed), so it stays an opt-in for graph-captured decoding."""
+    if os.environ.get("HF_FLASH_DECODE_PDL", "0") != "1":
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:

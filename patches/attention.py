@@ -262,24 +262,29 @@ def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         sliding_window = getattr(module, "sliding_window", None)
     dtype = _compute_dtype(query)
     # flash layout (batch, seqlen, heads, headdim): views, no copies
-    q, k, v = (x.transpose(1, 2).to(dtype) for x in (query, key, value))
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     v_dim = v.shape[-1]
     if v_dim != q.shape[-1]:  # e.g. MLA: pad V up to the query head dim, crop the output
         v = torch.nn.functional.pad(v, [0, q.shape[-1] - v_dim])
-    kw = dict(softmax_scale=scaling, window_size=_window(sliding_window),
-              softcap=float(softcap) if softcap else 0.0,
-              deterministic=bool(kwargs.get("deterministic") or torch.are_deterministic_algorithms_enabled()))
+    window = _window(sliding_window)
+    softcap = float(softcap) if softcap else 0.0
     dropout = float(dropout or 0.0)
-
     mask = attention_mask
+    if (mask is None or mask.dim() != 4) and _use_decode(plan, q, k, mask, dropout, sliding_window):
+        # a decode step: the lean path (this runs once per layer per generated token)
+        cache_seqlens, cache_leftpad = _decode_lengths(mask)
+        out = _kvcache.decode_attention(q, k, v, cache_seqlens, cache_leftpad, scaling, bool(is_causal), window,
+                                        softcap)
+        return (out if v_dim == out.shape[-1] else out[..., :v_dim]), None
+
+    kw = dict(softmax_scale=scaling, window_size=window, softcap=softcap,
+              deterministic=bool(kwargs.get("deterministic") or torch.are_deterministic_algorithms_enabled()))
     if mask is not None and mask.dim() == 4:
         if mask.shape[-1] != k.shape[1]:
             mask = mask[..., : k.shape[1]]
         out = _iface.flash_attn_func(q, k, v, dropout, causal=False, attn_bias=mask, **kw)
-    elif _use_decode(plan, q, k, mask, dropout, sliding_window):
-        cache_seqlens, cache_leftpad = _decode_lengths(mask)
-        out = _kvcache.decode_attention(q, k, v, cache_seqlens, cache_leftpad, scaling, bool(is_causal),
-                                        kw["window_size"], kw["softcap"])
     elif mask is not None:
         if mask.dim() != 2:
             raise ValueError(f'attn_implementation="flashtri" takes a 2-D padding mask or a 4-D mask, got '

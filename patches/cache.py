@@ -9,13 +9,15 @@ Growing (when the spare slots run out) copies once and adds max(256, L/16) slots
 is O(1) and the memory overhead at most 1/16 (+256 slots).
 
 How it is applied: each attention module of a decode family (``LayerPlan.decode_with_cache``) gets a forward
-pre-hook that, when the call carries a cache and the model's attention implementation is "flashtri", switches that module's layer (``cache.layers[layer_idx]``, exactly
-a ``DynamicLayer``) to ``GrowingLayer`` (:func:`growing_layer_class`), a subclass whose ``update`` does the above for decode-sized updates
-(at most 16 new tokens, no gradient, not while compiling) and calls ``DynamicLayer.update`` otherwise (prefill,
+pre-hook that, when the call carries a cache and the model's attention implementation is "flashtri", switches
+that module's layer (``cache.layers[layer_idx]``, exactly a ``DynamicLayer``) to ``GrowingLayer``
+(:func:`growing_layer_class`), a subclass whose ``update`` does the above for decode-sized updates (at most 16
+new tokens, no gradient, not while compiling) and calls ``DynamicLayer.update`` otherwise (prefill,
 the first step). Anything that replaces ``keys``/``values`` (``crop`` keeps the view; beam reordering,
 ``batch_select_indices``, offloading make new tensors) is noticed at the next update, which then copies into a
 fresh buffer: correct, only not in place. The layer stays a ``DynamicLayer`` (``isinstance``, ``copy.deepcopy``,
 ``get_seq_length`` unchanged). StaticCache layers are preallocated already and are left alone.
+``HF_FLASH_GROW_CACHE=0`` turns the switch off (layers not yet switched keep transformers' ``torch.cat``).
 
 transformers internals used: ``Cache.layers``, ``DynamicLayer`` and its ``keys``/``values``/``update``/``reset``/
 ``offload`` and the attention module's ``layer_idx``; the cache reaches the module as the ``past_key_values`` (5.17)
@@ -24,6 +26,8 @@ or ``cache`` (5.24) keyword. :func:`supported` checks them; when they differ not
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -109,7 +113,7 @@ def growing_layer_class():
 
 
 def _pre_hook(module, args, kwargs):
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or os.environ.get("HF_FLASH_GROW_CACHE", "1") == "0":
         return None
     if getattr(getattr(module, "config", None), "_attn_implementation", None) != NAME:
         return None  # the model was switched to another implementation: transformers' own cache behaviour

@@ -586,3 +586,85 @@ def test_direct_launch_reuses_the_compiled_kernel_and_respects_its_specializatio
     out, lse = flash_attn_with_kvcache(q_odd, k, v, cache_seqlens=seqlens, return_softmax_lse=True)
     assert _launch.STATS["normal"] > before["normal"]
     check_out(out, ref, ref_lo, lse, lse_ref)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="needs a Hopper (sm_90+) GPU")
+@pytest.mark.parametrize("pdl", ["default", "1", "0"])
+def test_combine_as_programmatic_dependent_launch(pdl, monkeypatch):
+    """On Hopper the combine kernel is launched as a programmatic dependent launch of the split kernel (it starts
+    early and waits for the partials with griddepcontrol.wait) with HF_FLASH_DECODE_PDL=1, not by default or with
+    0. Results match the reference for several split counts, eagerly and replayed from a CUDA graph."""
+    if pdl == "default":
+        monkeypatch.delenv("HF_FLASH_DECODE_PDL", raising=False)
+    else:
+        monkeypatch.setenv("HF_FLASH_DECODE_PDL", pdl)
+    g = torch.Generator().manual_seed(11)
+    hk, group, d, cap = 8, 4, 128, 9000
+    lengths = [cap, 4097, 1]
+    k, v = make_cache("cuda", 3, cap, hk, d, LOW, g)
+    q = torch.randn(3, 1, hk * group, d, dtype=LOW, generator=g).cuda()
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    ref, ref_lo, lse_ref = ref_cache_attention(q, k, v, lengths)
+    for ns in (0, 5, 64):
+        before = D.LAUNCHES["combine_pdl"]
+        with launched("split_kv", "combine"):
+            out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=ns,
+                                               return_softmax_lse=True)
+        assert (D.LAUNCHES["combine_pdl"] > before) == (pdl == "1")
+        check_out(out, ref, ref_lo, lse, lse_ref)
+    flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=7)  # compiles outside the capture
+    torch.cuda.synchronize()
+    before = D.LAUNCHES["combine_pdl"]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=7)
+    assert (D.LAUNCHES["combine_pdl"] > before) == (pdl == "1")
+    for i in range(3):
+        q.normal_()
+        graph.replay()
+        expect = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=7)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out_static, expect, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_plan_replays_for_other_layers(device):
+    """The check-free decode entry records a plan at the first call of a signature and replays it for the
+    next calls (other layers' caches): outputs match the reference for every call, the replay is counted, a new
+    signature (a longer cache) records a new plan, and a plan keeps no reference to the caches it saw."""
+    import gc
+    import weakref
+
+    from hf_flash import kvcache
+
+    g = torch.Generator().manual_seed(21)
+    big = _big(device)
+    hk, group, d, dtype = (2, 4, 40, torch.float32) if not big else (8, 4, 128, LOW)
+    cap = 70 if not big else 5000
+    lengths = [cap, 33] if not big else [cap, 4097]
+    batch = len(lengths)
+    kvcache._PLANS.clear()
+    layers = []
+    for _ in range(3):
+        q = torch.randn(batch, 1, hk * group, d, dtype=dtype, generator=g).to(device)
+        k, v = make_cache(device, batch, cap, hk, d, dtype, g)
+        layers.append((q, k, v))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    leftpad = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    for i, (q, k, v) in enumerate(layers):
+        before = D.LAUNCHES["plan"]
+        with launched("split_kv"):
+            out = kvcache.decode_attention(q, k, v, seqlens, leftpad, d ** -0.5, True, (-1, -1), 0.0)
+        assert D.LAUNCHES["plan"] - before == (0 if i == 0 else 1)
+        ref, ref_lo, _ = ref_cache_attention(q, k, v, lengths, leftpad=[0, 3])
+        check_out(out, ref, ref_lo)
+    assert len(kvcache._PLANS) == 1
+    # a longer cache is another signature: a second plan
+    q, k, v = layers[0]
+    k2, v2 = torch.cat([k, k[:, :5]], 1), torch.cat([v, v[:, :5]], 1)
+    kvcache.decode_attention(q, k2, v2, seqlens, leftpad, d ** -0.5, True, (-1, -1), 0.0)
+    assert len(kvcache._PLANS) == 2
+    ref_k = weakref.ref(k2)
+    del k2, v2, layers, k, v
+    gc.collect()
+    assert ref_k() is None

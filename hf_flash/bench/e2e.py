@@ -25,8 +25,9 @@ same weights for both), everything measured in one run:
 
 ``quick=True`` runs 2 layers, contexts of 1k and 4k, fewer steps: a check of the plumbing, not the figures.
 ``HF_FLASH_E2E_PARTS`` (comma list of decode, static, prefill, train, long; default all) runs a subset, so each part
-fits within a time-limited job. Results go to ``e2e.json`` (written after every case, so an interrupted run
-keeps what it measured) and ``e2e.png``; a case that fails (out of memory, an unsupported path) is recorded as
+fits within a time-limited job; ``HF_FLASH_E2E_CONTEXTS`` (comma list of token counts) narrows the decode
+contexts. Results go to ``e2e.json`` (written after every case, so an interrupted run keeps what it measured) and
+``e2e.png``; a case that fails (out of memory, an unsupported path) is recorded as
 null with its error. Ratios are sdpa time / flashtri time (> 1: flashtri is faster) and time / roofline.
 """
 
@@ -332,9 +333,18 @@ def _parts() -> tuple[str, ...]:
     return parts
 
 
+def _contexts(sz):
+    """The decode / static contexts to run: ``HF_FLASH_E2E_CONTEXTS`` (comma list of token counts) narrows them."""
+    env = os.environ.get("HF_FLASH_E2E_CONTEXTS", "").strip()
+    if not env:
+        return sz["decode"]
+    want = {int(x) for x in env.split(",") if x.strip()}
+    return tuple((c, b) for c, b in sz["decode"] if c in want)
+
+
 def _cases(sz, parts):
     cases = []
-    for context, batch in sz["decode"]:
+    for context, batch in _contexts(sz):
         if "decode" in parts:
             cases.append(("decode", context, batch))
         if "static" in parts:
@@ -500,6 +510,10 @@ def _plot(cases, path, env):
                            "series": {"flashtri": [c["flashtri"]["ms_per_step"] for c in cs],
                                       "sdpa": [c["sdpa"]["ms_per_step"] for c in cs],
                                       "roofline": [c["roofline_ms"] for c in cs]}})
+            if any(c.get("null_attention", {}).get("ms_per_step") for c in cs):
+                # transformers' own time per step (an attention that does nothing): no implementation goes below
+                panels[-1]["series"]["null attention (floor)"] = [c.get("null_attention", {}).get("ms_per_step")
+                                                                  for c in cs]
     cs = [c for c in cases if c["kind"] == "prefill"]
     if cs:
         panels.append({"title": "prefill (ms)", "x": [_label(c).split(" ", 1)[1] for c in cs], "kind": "bar",
