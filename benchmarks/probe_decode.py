@@ -64,8 +64,9 @@ def chain_case(seqlen, hk, layers=32):
     """A model step's view: ``layers`` decode calls on as many caches (one per layer, so nothing stays in L2)
     captured in one CUDA graph; the replay time / layers is what one layer's attention costs inside a captured
     step, where the graph-launch floor is paid once per step, not once per call. hf_flash with the combine
-    launched normally and as a programmatic dependent launch, and SDPA's FLASH_ATTENTION and CUDNN_ATTENTION
-    (enable_gqa; expanded KV heads where a backend refuses it) on the same caches."""
+    launched normally, as a programmatic dependent launch, and fused into the split kernel, and SDPA's
+    FLASH_ATTENTION and CUDNN_ATTENTION (enable_gqa; expanded KV heads where a backend refuses it) on the same
+    caches."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     F = torch.nn.functional
@@ -95,7 +96,7 @@ def chain_case(seqlen, hk, layers=32):
 
     out = {"seqlen": seqlen, "hk": hk, "layers": layers}
     kv = 2 * ks[0].numel() * 2
-    runs = [("hf_split_pdl", hf, "1"), ("hf_split", hf, "0")]
+    runs = [("hf_split_pdl", hf, "1"), ("hf_split", hf, "0"), ("hf_split_fused", hf, "fused")]
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         fn = sdpa(backend, False)
         try:
@@ -105,7 +106,9 @@ def chain_case(seqlen, hk, layers=32):
             name += "_expanded"
         runs.append((name, fn, "1"))
     for name, fn, pdl in runs:
-        os.environ["HF_FLASH_DECODE_PDL"] = pdl
+        # "fused": the combine inside the split kernel (one launch per layer), no PDL
+        os.environ["HF_FLASH_DECODE_PDL"] = "0" if pdl == "fused" else pdl
+        os.environ["HF_FLASH_DECODE_FUSED"] = "1" if pdl == "fused" else "0"
         try:
             g = graph_of(fn)
             ms = triton.testing.do_bench(g.replay, warmup=20, rep=100, return_mode="median")
@@ -113,6 +116,7 @@ def chain_case(seqlen, hk, layers=32):
         except Exception as exc:  # noqa: BLE001 - the failure is the measurement
             out[name] = {"error": str(exc)[:200]}
     os.environ.pop("HF_FLASH_DECODE_PDL", None)
+    os.environ.pop("HF_FLASH_DECODE_FUSED", None)
     return out
 
 

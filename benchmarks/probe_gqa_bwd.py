@@ -22,6 +22,7 @@ import triton  # noqa: E402
 import hf_flash  # noqa: E402
 
 CONFIGS = (None, "64,64,4,3", "64,64,8,2", "32,64,4,3", "64,128,8,3", "32,128,8,2")
+GQA_SPLITS = ("2", "4", "auto")  # HF_FLASH_BWD_GQA_SPLIT: the group shared out over dK/dV programs
 
 
 def main():
@@ -48,19 +49,20 @@ def main():
                     F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).backward(dot)
             return fn
 
-        cases = [(f"hf_flash bwd {c or 'default'}", hf, c) for c in CONFIGS]
-        cases += [("sdpa_flash", sdpa(SDPBackend.FLASH_ATTENTION), None),
-                  ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION), None)]
-        for name, fn, cfg in cases:
-            if cfg:
-                os.environ["HF_FLASH_BWD_CONFIG"] = cfg
+        cases = [(f"hf_flash bwd {c or 'default'}", hf, {"HF_FLASH_BWD_CONFIG": c} if c else {}) for c in CONFIGS]
+        cases += [(f"hf_flash gqa split {g}", hf, {"HF_FLASH_BWD_GQA_SPLIT": g}) for g in GQA_SPLITS]
+        cases += [("sdpa_flash", sdpa(SDPBackend.FLASH_ATTENTION), {}),
+                  ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION), {})]
+        for name, fn, env in cases:
+            os.environ.update(env)
             try:
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
                 row = {"seqlen": seqlen, "impl": name, "ms": ms, "tflops": flops / ms / 1e9}
             except Exception as exc:  # noqa: BLE001 - the failure is the measurement
                 row = {"seqlen": seqlen, "impl": name, "error": str(exc)[:200]}
             finally:
-                os.environ.pop("HF_FLASH_BWD_CONFIG", None)
+                for var in env:
+                    os.environ.pop(var, None)
             rows.append(row)
             print(json.dumps(row), flush=True)
         del q, k, v, do

@@ -14,7 +14,9 @@ no key, whose output is 0).
 
 Backward: a preprocess for delta = rowsum(dO * O); a dK/dV kernel, one program per (key block, batch, KV head),
 looping over the query heads of its GQA group and their query blocks, so dK/dV are reduced in registers and
-written once; a dQ kernel, one program per (query block, batch, head). No atomics (so the backward is bitwise
+written once (``HF_FLASH_BWD_GQA_SPLIT`` shares a group out over several programs that write float32 partials,
+summed afterwards: more parallelism for batch-1 GQA training, see :func:`gqa_split`); a dQ kernel, one program
+per (query block, batch, head). No atomics (so the backward is bitwise
 deterministic), except for the gradient of a bias broadcast over batch or heads, which is reduced with atomics
 unless ``deterministic`` is set, in which case a dedicated pass sums it in a fixed order. Nothing N x N is
 allocated apart from the bias gradient itself.
@@ -23,6 +25,8 @@ Not supported here: key-padding masks other than through varlen or a bias; paged
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -44,7 +48,7 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dq": 0, "bwd_dbias": 0}
+launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_dq": 0, "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,13 +258,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, Rng, CuQ, CuK
                      stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
                      stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
                      nheads, nheads_k, group, seqlen_q_arg, seqlen_k_arg, scale_log2, sm_scale, softcap, dropout_p,
-                     window_left, window_right,
+                     window_left, window_right, gsplit, stride_dks, stride_dvs,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      IS_VARLEN: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      DOT_PREC: tl.constexpr):
+    # gsplit > 1: the GQA group's query heads are shared out over gsplit programs per (key block, KV head); each
+    # writes its partial dK/dV (float32) at DK/DV + split * stride_dks/dvs, summed afterwards on the host side
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    pid_bhk = tl.program_id(1) // gsplit
+    gs = tl.program_id(1) % gsplit
+    per = group // gsplit
     b = pid_bhk // nheads_k
     hk = pid_bhk % nheads_k
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
@@ -288,7 +296,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, Rng, CuQ, CuK
         full_hi = hi
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, group):
+    for g in range(gs * per, gs * per + per):
         h = hk * group + g
         q_base = Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
         do_base = DO + b64 * stride_dob + q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
@@ -315,9 +323,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, Rng, CuQ, CuK
                                  dropout_p, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE,
                                  HAS_DROPOUT, True, WINDOWED, DOT_PREC)
     dk = dk * sm_scale
-    tl.store(DK + b64 * stride_dkb + k_row * stride_dkn + hk * stride_dkh + offs_d[None, :],
+    gs64 = gs.to(tl.int64)
+    tl.store(DK + gs64 * stride_dks + b64 * stride_dkb + k_row * stride_dkn + hk * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * stride_dvb + k_row * stride_dvn + hk * stride_dvh + offs_d[None, :],
+    tl.store(DV + gs64 * stride_dvs + b64 * stride_dvb + k_row * stride_dvn + hk * stride_dvh + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -547,6 +556,31 @@ def _or(t, placeholder):
     return placeholder if t is None else t
 
 
+def gqa_split(batch: int, nheads_k: int, group: int, n_blocks_k: int, device: torch.device) -> int:
+    """Programs per (key block, KV head) in the dK/dV kernel: each takes group / split of the GQA group's query
+    heads. ``HF_FLASH_BWD_GQA_SPLIT``: ``1`` (default) one program loops over the whole group; an integer that
+    divides the group splits it that many ways; ``auto`` splits only as far as needed for the grid to cover the
+    GPU about four times (batch-1 GQA training has few, long programs: 256 for a 4k Llama-3-8B layer on 132 SMs).
+    The split costs float32 partials of dK/dV and their sum. Not yet measured on the GPU: off by default."""
+    mode = os.environ.get("HF_FLASH_BWD_GQA_SPLIT", "1").strip().lower()
+    if group <= 1 or mode in ("", "1", "0"):
+        return 1
+    if mode == "auto":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+        for s in range(1, group + 1):
+            if group % s == 0 and batch * nheads_k * n_blocks_k * s >= 4 * sms:
+                return s
+        return group
+    try:
+        s = int(mode)
+    except ValueError:
+        s = 0
+    if s < 1 or group % s:
+        raise ValueError(f"HF_FLASH_BWD_GQA_SPLIT={mode!r}: takes 1, 'auto' or a divisor of the GQA group "
+                         f"({group} query heads per KV head here)")
+    return s
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.bfloat16 and device.type == "cpu":
         return "interp-bf16"
@@ -675,12 +709,27 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                   num_stages=cfg.num_stages)
     scale_arg = _scale_arg(softmax_scale, softcap)
     ql, kl, vl, dol = (_Layout(t, varlen).strides() for t in (q, k, v, dout))
-    _bwd_dkdv_kernel[(cdiv(max_seqlen_k, cfg.block_n), batch * nheads_k)](
-        q, k, v, dout, lse, delta, dk, dv, bias_t, alibi_t, rng, cu_q, cu_k,
-        *ql, *kl, *vl, *dol, *_Layout(dk, varlen).strides(), *_Layout(dv, varlen).strides(), *lse_strides,
+    n_blocks_k = cdiv(max_seqlen_k, cfg.block_n)
+    gsplit = gqa_split(batch, nheads_k, group, n_blocks_k, q.device)
+    if gsplit > 1:
+        dk_out = torch.empty((gsplit,) + tuple(k.shape), dtype=torch.float32, device=k.device)
+        dv_out = torch.empty((gsplit,) + tuple(v.shape), dtype=torch.float32, device=v.device)
+        dk_layout, dv_layout = _Layout(dk_out[0], varlen).strides(), _Layout(dv_out[0], varlen).strides()
+        split_strides = (dk_out.stride(0), dv_out.stride(0))
+    else:
+        dk_out, dv_out = dk, dv
+        dk_layout, dv_layout = _Layout(dk, varlen).strides(), _Layout(dv, varlen).strides()
+        split_strides = (0, 0)
+    _bwd_dkdv_kernel[(n_blocks_k, batch * nheads_k * gsplit)](
+        q, k, v, dout, lse, delta, dk_out, dv_out, bias_t, alibi_t, rng, cu_q, cu_k,
+        *ql, *kl, *vl, *dol, *dk_layout, *dv_layout, *lse_strides,
         *bias_strides, stride_ab, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, scale_arg, softmax_scale,
-        softcap, dropout_p, left, right, **common)
+        softcap, dropout_p, left, right, gsplit, *split_strides, **common)
     launches["bwd_dkdv"] += 1
+    if gsplit > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
+        launches["bwd_dkdv_gqa_split"] += 1
     _bwd_dq_kernel[(cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
         q, k, v, dout, lse, delta, dq, bias_t, _or(dbias_buf, lse), alibi_t, rng, cu_q, cu_k,
         *ql, *kl, *vl, *dol, *_Layout(dq, varlen).strides(), *lse_strides, *bias_strides, *dbias_strides, stride_ab,

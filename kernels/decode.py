@@ -30,6 +30,11 @@ atomic ticket per tile) combine the partials inside the split kernel, one launch
 it was slower (4k tokens, 32/8 heads: 0.79 vs 0.86 TB/s; the winner's serial tail outweighs the saved launch),
 so it is not the default.
 
+Host time: a model calls this once per layer per generated token. ``plan_decode`` records a call's launches as a
+``DecodePlan`` that later calls of the same signature replay (the compiled kernels launched directly with the new
+tensors swapped in, the partials' buffers kept in the plan); ``hf_flash.kvcache.decode_attention`` keeps them.
+``HF_FLASH_DECODE_PDL=1`` launches the combine kernel as a programmatic dependent launch on Hopper.
+
 Tested: Triton interpreter on CPU (tests/test_decode.py); on CUDA the same tests run bigger (cache 128k,
 CUDA-graph replay). Configs (``decode_config``) are fixed, not autotuned, so a decode step can be captured
 in a CUDA graph and nothing retunes as the cache grows.

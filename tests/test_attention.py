@@ -70,6 +70,25 @@ def test_fwd_bwd(dtype, causal, heads):
     compare_with_reference(q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize("split", ["2", "4", "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_backward_split_over_programs(split, causal, monkeypatch):
+    """HF_FLASH_BWD_GQA_SPLIT shares a GQA group's query heads out over several dK/dV programs (float32 partials,
+    summed): gradients still match the reference, and the split path ran. A split that does not divide the
+    group is a clear error."""
+    monkeypatch.setenv("HF_FLASH_BWD_GQA_SPLIT", split)
+    b, sq, sk, d = SHAPES[1]
+    dtype = torch.bfloat16 if causal else torch.float32
+    q, k, v = make_qkv(b, sq, sk, 8, 2, d, dtype, seed=5 + causal)
+    before = kern.launches["bwd_dkdv_gqa_split"]
+    compare_with_reference(q, k, v, causal=causal)
+    assert kern.launches["bwd_dkdv_gqa_split"] == before + 1
+    monkeypatch.setenv("HF_FLASH_BWD_GQA_SPLIT", "3")
+    out = flash_attn_func(q, k, v, causal=causal)
+    with pytest.raises(ValueError, match="HF_FLASH_BWD_GQA_SPLIT"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
 def test_head_dims(d):
     b, sq, sk = (2, 300, 257) if ON_GPU else (1, 33, 40)
