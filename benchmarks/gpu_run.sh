@@ -5,14 +5,17 @@
 #
 #   benchmarks/gpu_run.sh [--quick] [--only STAGES] [--skip STAGES] [--deadline SECONDS] [OUT_DIR]
 #
-# STAGES: comma-separated from tests,check,kernels,decode,e2e (the default) and distributed (2+ GPUs, only when
-# named: --only distributed on a multi-GPU machine). OUT_DIR defaults to
-# benchmarks/results. --quick passes --quick to the benchmarks (a few points, files named <name>_quick.*).
+# STAGES: comma-separated from tests,check,kernels,decode,e2e (the default), distributed (2+ GPUs, only when
+# named: --only distributed on a multi-GPU machine) and probes (only when named: the decode chain with PDL / fused
+# variants, the GQA backward configs and splits, the generate() host-time ablation; see benchmarks/NOTES.md).
+# OUT_DIR defaults to benchmarks/results. --quick passes --quick to the benchmarks (a few points, files named
+# <name>_quick.*).
 # Test selection: PYTEST_ARGS (default "tests"), e.g. PYTEST_ARGS="tests/test_decode.py -k paged" (split on spaces).
-# Budgets (seconds): BUDGET_TESTS, BUDGET_CHECK, BUDGET_KERNELS, BUDGET_DECODE, BUDGET_E2E, BUDGET_DISTRIBUTED.
+# Budgets (seconds): BUDGET_TESTS, BUDGET_CHECK, BUDGET_KERNELS, BUDGET_DECODE, BUDGET_E2E, BUDGET_DISTRIBUTED,
+# BUDGET_PROBES.
 set -uo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 QUICK=""
 ONLY="tests,check,kernels,decode,e2e"
@@ -32,7 +35,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 for s in ${ONLY//,/ } ${SKIP//,/ }; do
-    case "$s" in tests|check|kernels|decode|e2e|distributed) ;; *) echo "gpu_run.sh: error: unknown stage '$s' (accepted: tests,check,kernels,decode,e2e,distributed)" >&2; exit 2 ;; esac
+    case "$s" in tests|check|kernels|decode|e2e|distributed|probes) ;; *) echo "gpu_run.sh: error: unknown stage '$s' (accepted: tests,check,kernels,decode,e2e,distributed,probes)" >&2; exit 2 ;; esac
 done
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -46,7 +49,7 @@ T0=$SECONDS
 
 declare -A BUDGET=([tests]="${BUDGET_TESTS:-240}" [check]="${BUDGET_CHECK:-60}" [kernels]="${BUDGET_KERNELS:-200}"
                    [decode]="${BUDGET_DECODE:-90}" [e2e]="${BUDGET_E2E:-120}"
-                   [distributed]="${BUDGET_DISTRIBUTED:-500}")
+                   [distributed]="${BUDGET_DISTRIBUTED:-500}" [probes]="${BUDGET_PROBES:-300}")
 
 want() { [[ ",$ONLY," == *",$1,"* ]] && [[ ",$SKIP," != *",$1,"* ]]; }
 
@@ -109,6 +112,14 @@ for b in kernels decode e2e distributed; do
     # shellcheck disable=SC2086
     want "$b" && run_stage "$b" python -m hf_flash bench "$b" --out "$OUT_DIR" $QUICK
 done
+
+probes() {
+    python benchmarks/probe_decode.py --chain --out "$OUT_DIR/logs/probe_decode.json" &&
+    python benchmarks/probe_gqa_bwd.py &&
+    python benchmarks/probe_generate.py --ablation --layers 8 --context 4096 --steps 16 \
+        --out "$OUT_DIR/logs/probe_ablation.json"
+}
+want probes && run_stage probes probes
 
 # --- summary ----------------------------------------------------------------------------------------------------
 echo
