@@ -1,6 +1,6 @@
 """Forward + backward of causal GQA attention as a batch-1 Llama-3-8B training step runs it (32 query / 8 KV heads,
-head dim 128, bf16), for several backward tile configs, against SDPA's FLASH_ATTENTION and CUDNN_ATTENTION
-(``enable_gqa=True``) in the same run (GPU box).
+head dim 128, bf16), for several backward tile configs, the GQA split and the fused (atomic) dQ, against SDPA's
+FLASH_ATTENTION and CUDNN_ATTENTION (``enable_gqa=True``) in the same run (GPU box).
 
     python benchmarks/probe_gqa_bwd.py
 
@@ -51,6 +51,9 @@ def main():
 
         cases = [(f"hf_flash bwd {c or 'default'}", hf, {"HF_FLASH_BWD_CONFIG": c} if c else {}) for c in CONFIGS]
         cases += [(f"hf_flash gqa split {g}", hf, {"HF_FLASH_BWD_GQA_SPLIT": g}) for g in GQA_SPLITS]
+        cases += [("hf_flash fused dq", hf, {"HF_FLASH_BWD_FUSED_DQ": "1"}),
+                  ("hf_flash fused dq + gqa split auto", hf, {"HF_FLASH_BWD_FUSED_DQ": "1",
+                                                             "HF_FLASH_BWD_GQA_SPLIT": "auto"})]
         cases += [("sdpa_flash", sdpa(SDPBackend.FLASH_ATTENTION), {}),
                   ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION), {})]
         for name, fn, env in cases:

@@ -16,7 +16,8 @@ Backward: a preprocess for delta = rowsum(dO * O); a dK/dV kernel, one program p
 looping over the query heads of its GQA group and their query blocks, so dK/dV are reduced in registers and
 written once (``HF_FLASH_BWD_GQA_SPLIT`` shares a group out over several programs that write float32 partials,
 summed afterwards: more parallelism for batch-1 GQA training, see :func:`gqa_split`); a dQ kernel, one program
-per (query block, batch, head). No atomics (so the backward is bitwise
+per (query block, batch, head). ``HF_FLASH_BWD_FUSED_DQ=1`` instead adds dQ into a float32 accumulator with
+atomics from the dK/dV kernel (:func:`fused_dq_enabled`). No atomics (so the backward is bitwise
 deterministic), except for the gradient of a bias broadcast over batch or heads, which is reduced with atomics
 unless ``deterministic`` is set, in which case a dedicated pass sums it in a fixed order. Nothing N x N is
 allocated apart from the bias gradient itself.
@@ -48,7 +49,7 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_dq": 0, "bwd_dbias": 0}
+launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0, "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,11 +205,11 @@ def _bwd_preprocess(O, DO, Delta, CuQ, stride_ob, stride_om, stride_oh, stride_d
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base,
                     stride_bm, stride_bn, offs_n, offs_d, m_lo, m_hi, seqlen_q, seqlen_k, shift, scale_log2, softcap,
-                    slope, window_left, window_right, seed, rng_offset, bh, dropout_p,
+                    slope, window_left, window_right, seed, rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
     # Tiles are key-major here: rows are keys (offs_n), columns are queries (offs_m).
     d_ok = offs_d < HEAD_DIM
     for start_m in range(m_lo, m_hi, BLOCK_M):
@@ -248,21 +249,26 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             if HAS_SOFTCAP:
                 ds_t = ds_t * (1.0 - t * t)
             dk = mma(ds_t.to(q.dtype), q, dk, DOT_PREC)
+            if FUSE_DQ:
+                # this key block's share of dQ, added into the float32 accumulator (FlashAttention-2's atomic dQ)
+                dq_part = mma(tl.trans(ds_t.to(k.dtype)), k, None, DOT_PREC) * sm_scale
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq_part,
+                              mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, Rng, CuQ, CuK,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ, CuK,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                      stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
                      stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
                      stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
                      nheads, nheads_k, group, seqlen_q_arg, seqlen_k_arg, scale_log2, sm_scale, softcap, dropout_p,
-                     window_left, window_right, gsplit, stride_dks, stride_dvs,
+                     window_left, window_right, gsplit, stride_dks, stride_dvs, stride_dqb, stride_dqm, stride_dqh,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      IS_VARLEN: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
     # gsplit > 1: the GQA group's query heads are shared out over gsplit programs per (key block, KV head); each
     # writes its partial dK/dV (float32) at DK/DV + split * stride_dks/dvs, summed afterwards on the host side
     pid_n = tl.program_id(0)
@@ -303,6 +309,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, Rng, CuQ, CuK
         lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         delta_base = Delta + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         bias_base = Bias + b64 * stride_bb + h.to(tl.int64) * stride_bh
+        dq_base = DQ + b64 * stride_dqb + q_start.to(tl.int64) * stride_dqm + h.to(tl.int64) * stride_dqh
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + b * stride_ab + h)
@@ -310,18 +317,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, Rng, CuQ, CuK
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k,
                                  shift, scale_log2, softcap, slope, window_left, window_right, seed, rng_offset, bh,
-                                 dropout_p, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE,
-                                 HAS_DROPOUT, True, WINDOWED, DOT_PREC)
+                                 dropout_p, dq_base, stride_dqm, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                 HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED, DOT_PREC, FUSE_DQ)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, full_lo, full_hi, seqlen_q,
                                  seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right, seed,
-                                 rng_offset, bh, dropout_p, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI,
-                                 BIAS_TYPE, HAS_DROPOUT, False, WINDOWED, DOT_PREC)
+                                 rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale, HEAD_DIM, BLOCK_M,
+                                 BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, False, WINDOWED, DOT_PREC,
+                                 FUSE_DQ)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k,
                                  shift, scale_log2, softcap, slope, window_left, window_right, seed, rng_offset, bh,
-                                 dropout_p, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE,
-                                 HAS_DROPOUT, True, WINDOWED, DOT_PREC)
+                                 dropout_p, dq_base, stride_dqm, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                 HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED, DOT_PREC, FUSE_DQ)
     dk = dk * sm_scale
     gs64 = gs.to(tl.int64)
     tl.store(DK + gs64 * stride_dks + b64 * stride_dkb + k_row * stride_dkn + hk * stride_dkh + offs_d[None, :],
@@ -556,6 +564,15 @@ def _or(t, placeholder):
     return placeholder if t is None else t
 
 
+def fused_dq_enabled() -> bool:
+    """``HF_FLASH_BWD_FUSED_DQ=1``: the dK/dV kernel also adds each key block's share of dQ into a float32
+    accumulator with atomics (FlashAttention-2's backward: 5 matrix products per tile pair instead of the 7 of the
+    separate dQ pass, which recomputes QK^T and dO V^T), and the dQ kernel does not run. Not bitwise deterministic
+    (atomics), so ``deterministic=True`` and bias gradients keep the two-kernel backward. Not yet measured on the
+    GPU: off by default."""
+    return os.environ.get("HF_FLASH_BWD_FUSED_DQ", "0") == "1"
+
+
 def gqa_split(batch: int, nheads_k: int, group: int, n_blocks_k: int, device: torch.device) -> int:
     """Programs per (key block, KV head) in the dK/dV kernel: each takes group / split of the GQA group's query
     heads. ``HF_FLASH_BWD_GQA_SPLIT``: ``1`` (default) one program loops over the whole group; an integer that
@@ -720,16 +737,26 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         dk_out, dv_out = dk, dv
         dk_layout, dv_layout = _Layout(dk, varlen).strides(), _Layout(dv, varlen).strides()
         split_strides = (0, 0)
+    fuse_dq = fused_dq_enabled() and not deterministic and not bias_needs_grad
+    if fuse_dq:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq_strides = _Layout(dq_acc, varlen).strides()
+    else:
+        dq_acc, dq_strides = lse, (0, 0, 0)
     _bwd_dkdv_kernel[(n_blocks_k, batch * nheads_k * gsplit)](
-        q, k, v, dout, lse, delta, dk_out, dv_out, bias_t, alibi_t, rng, cu_q, cu_k,
+        q, k, v, dout, lse, delta, dk_out, dv_out, dq_acc, bias_t, alibi_t, rng, cu_q, cu_k,
         *ql, *kl, *vl, *dol, *dk_layout, *dv_layout, *lse_strides,
         *bias_strides, stride_ab, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, scale_arg, softmax_scale,
-        softcap, dropout_p, left, right, gsplit, *split_strides, **common)
+        softcap, dropout_p, left, right, gsplit, *split_strides, *dq_strides, FUSE_DQ=fuse_dq, **common)
     launches["bwd_dkdv"] += 1
     if gsplit > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
         launches["bwd_dkdv_gqa_split"] += 1
+    if fuse_dq:
+        dq.copy_(dq_acc)
+        launches["bwd_fused_dq"] += 1
+        return dq, dk, dv, dbias
     _bwd_dq_kernel[(cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
         q, k, v, dout, lse, delta, dq, bias_t, _or(dbias_buf, lse), alibi_t, rng, cu_q, cu_k,
         *ql, *kl, *vl, *dol, *_Layout(dq, varlen).strides(), *lse_strides, *bias_strides, *dbias_strides, stride_ab,
