@@ -67,9 +67,8 @@ def chain_case(seqlen, hk, layers=32):
     launched normally, as a programmatic dependent launch, and fused into the split kernel, and SDPA's
     FLASH_ATTENTION and CUDNN_ATTENTION (enable_gqa; expanded KV heads where a backend refuses it) on the same
     caches."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from hf_flash.bench.decode import _sdpa_call
 
-    F = torch.nn.functional
     qs = [torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
     ks = [torch.randn(1, seqlen, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
     vs = [torch.randn_like(k) for k in ks]
@@ -79,30 +78,29 @@ def chain_case(seqlen, hk, layers=32):
         for q, k, v in zip(qs, ks, vs):
             decode.split_kv_forward(q, k, v, softmax_scale=128 ** -0.5, seqlens_k=lens)
 
-    def sdpa(backend, expand):
-        qt = [q.transpose(1, 2) for q in qs]
+    def sdpa(name, expand):
+        # the decode benchmark's SDPA call per layer (bench/decode.py), on this chain's caches
         if expand:
-            kt = [k.repeat_interleave(32 // hk, dim=2).transpose(1, 2) for k in ks]
-            vt = [v.repeat_interleave(32 // hk, dim=2).transpose(1, 2) for v in vs]
+            kvs = [(k.repeat_interleave(32 // hk, dim=2), v.repeat_interleave(32 // hk, dim=2)) for k, v in zip(ks, vs)]
         else:
-            kt, vt = [k.transpose(1, 2) for k in ks], [v.transpose(1, 2) for v in vs]
-        kw = {} if expand or hk == 32 else {"enable_gqa": True}
+            kvs = list(zip(ks, vs))
+        form = "enable_gqa" if hk != 32 and not expand else "native"
+        calls = [_sdpa_call(name, q, k, v, form) for q, (k, v) in zip(qs, kvs)]
 
         def fn():
-            with sdpa_kernel(backend):
-                for a, b, c in zip(qt, kt, vt):
-                    F.scaled_dot_product_attention(a, b, c, **kw)
+            for call in calls:
+                call()
         return fn
 
     out = {"seqlen": seqlen, "hk": hk, "layers": layers}
     kv = 2 * ks[0].numel() * 2
     runs = [("hf_split_pdl", hf, "1"), ("hf_split", hf, "0"), ("hf_split_fused", hf, "fused")]
-    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-        fn = sdpa(backend, False)
+    for name in ("sdpa_flash", "sdpa_cudnn"):
+        fn = sdpa(name, False)
         try:
             fn()
         except Exception:  # noqa: BLE001 - this backend wants equal head counts
-            fn = sdpa(backend, True)
+            fn = sdpa(name, True)
             name += "_expanded"
         runs.append((name, fn, "1"))
     for name, fn, pdl in runs:

@@ -29,25 +29,6 @@ import torch  # noqa: E402
 from hf_flash.bench import e2e  # noqa: E402
 
 
-def _generate_fn(model, context, steps):
-    from transformers import DynamicCache
-
-    ids, _ = e2e._prompt(1, context, model.device, model.config.vocab_size)
-    key = e2e._cache_key(model)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        out = model(ids, use_cache=True, logits_to_keep=1, **{key: cache})
-    full = torch.cat([ids, out.logits[:, -1:].argmax(-1)], dim=1)
-    del out
-
-    def gen():
-        model.generate(full, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
-                       **{key: cache})
-        cache.crop(-(int(cache.get_seq_length()) - context))
-
-    return gen
-
-
 def _profile(gen, steps: int, top: int = 30) -> str:
     prof = cProfile.Profile()
     prof.enable()
@@ -204,7 +185,7 @@ def main():
     for impl in ("sdpa", "flashtri", e2e.NULL_ATTENTION, "flashtri"):
         e2e._set_impl(model, impl)
         ms = e2e.decode_generate_ms(model, args.context, 1, args.steps, reps=3)
-        gen = _generate_fn(model, args.context, args.steps)
+        gen, _cache = e2e.prefilled_generate(model, args.context, 1, args.steps)
         gen()  # warm-up
         entry = {"ms_per_step": ms, "syncs": _sync_sites(gen)}
         prof = _profile(gen, args.steps)

@@ -320,19 +320,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
     if causal:
         right = 0
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if q.is_cuda:
-        if torch.cuda.is_current_stream_capturing():
-            return _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left,
-                                         window_right=right, softcap=softcap, seqlens_k=cache_seqlens,
-                                         leftpad=cache_leftpad, unified_max=UNIFIED_MAX_DEFAULT)[0]
-        stream = torch._C._cuda_getCurrentRawStream(q.device.index)
-    else:
-        stream = 0
     env = _env_key()
-    if env[0] == "0":
+    if env[0] == "0" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
                                      softcap=softcap, seqlens_k=cache_seqlens, leftpad=cache_leftpad,
                                      unified_max=UNIFIED_MAX_DEFAULT)[0]
+    stream = torch._C._cuda_getCurrentRawStream(q.device.index) if q.is_cuda else 0
     key = (q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(), q.dtype,
            k_cache.dtype, q.device, stream, q.data_ptr() % 16, k_cache.data_ptr() % 16, v_cache.data_ptr() % 16,
            _opt_key(cache_seqlens), _opt_key(cache_leftpad), scale, left, right, softcap, UNIFIED_MAX_DEFAULT, env,

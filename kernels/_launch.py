@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["launch", "direct_launch_enabled", "STATS"]
+__all__ = ["launch", "run_compiled", "can_run_directly", "direct_launch_enabled", "STATS"]
 
 # direct / normal launches, for tests that must show which path ran
 STATS = {"direct": 0, "normal": 0}
@@ -68,6 +68,19 @@ class _Cache:
         self.broken = False
 
 
+def can_run_directly(kernel) -> bool:
+    """``kernel`` (what ``fn[grid](...)`` returned) has the launcher :func:`run_compiled` calls."""
+    return all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata"))
+
+
+def run_compiled(kernel, grid, device: int, values) -> None:
+    """Launch a compiled kernel on the current stream of ``device`` with every parameter value in order."""
+    g = tuple(grid) + (1, 1)
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
+    STATS["direct"] += 1
+
+
 def launch(fn, grid, args: dict, *, num_warps: int, num_stages: int = 1, launch_pdl: bool = False):
     """``fn[grid](**args, num_warps=..., num_stages=...)``, through the compiled kernel's launcher once known.
 
@@ -95,15 +108,12 @@ def launch(fn, grid, args: dict, *, num_warps: int, num_stages: int = 1, launch_
                tuple([_int_flags(values[i]) for i in cache.int_idx]))
         kernel = cache.kernels.get(key)
         if kernel is not None:
-            g = tuple(grid) + (1, 1)
-            stream = torch._C._cuda_getCurrentRawStream(device)
-            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
-            STATS["direct"] += 1
+            run_compiled(kernel, grid, device, values)
             return kernel
     kernel = fn[tuple(grid)](**args, **opts)
     STATS["normal"] += 1
     if direct:
-        if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+        if can_run_directly(kernel):
             cache.kernels[key] = kernel
         else:
             cache.broken = True

@@ -689,9 +689,6 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     group = nheads // nheads_k
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     bias_t, bias_type, bias_strides = _bias_args(bias)
     dbias = q.new_empty((0,))
     dbias_mode = 0
@@ -708,7 +705,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             dbias_buf = torch.zeros(bias.shape, dtype=bias.dtype, device=q.device)
     dbias_strides = _bcast_strides(dbias_buf) if dbias_buf is not None else (0, 0, 0, 0)
     if q.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
+        dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         return dq, dk, dv, (dbias_buf.to(bias.dtype) if dbias_buf is not None else dbias)
     left, right, windowed = _window_args(window_left, window_right)
     alibi_t, stride_ab = _alibi_args(alibi_slopes, q)
@@ -728,14 +725,15 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     ql, kl, vl, dol = (_Layout(t, varlen).strides() for t in (q, k, v, dout))
     n_blocks_k = cdiv(max_seqlen_k, cfg.block_n)
     gsplit = gqa_split(batch, nheads_k, group, n_blocks_k, q.device)
-    if gsplit > 1:
+    if gsplit > 1:  # float32 partials, one per share of the group, summed below
         dk_out = torch.empty((gsplit,) + tuple(k.shape), dtype=torch.float32, device=k.device)
         dv_out = torch.empty((gsplit,) + tuple(v.shape), dtype=torch.float32, device=v.device)
         dk_layout, dv_layout = _Layout(dk_out[0], varlen).strides(), _Layout(dv_out[0], varlen).strides()
         split_strides = (dk_out.stride(0), dv_out.stride(0))
     else:
-        dk_out, dv_out = dk, dv
-        dk_layout, dv_layout = _Layout(dk, varlen).strides(), _Layout(dv, varlen).strides()
+        dk_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv_out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dk_layout, dv_layout = _Layout(dk_out, varlen).strides(), _Layout(dv_out, varlen).strides()
         split_strides = (0, 0)
     fuse_dq = fused_dq_enabled() and not deterministic and not bias_needs_grad
     if fuse_dq:
@@ -749,14 +747,14 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         *bias_strides, stride_ab, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, scale_arg, softmax_scale,
         softcap, dropout_p, left, right, gsplit, *split_strides, *dq_strides, FUSE_DQ=fuse_dq, **common)
     launches["bwd_dkdv"] += 1
+    dk, dv = dk_out, dv_out
     if gsplit > 1:
-        dk.copy_(dk_out.sum(0))
-        dv.copy_(dv_out.sum(0))
+        dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)
         launches["bwd_dkdv_gqa_split"] += 1
     if fuse_dq:
-        dq.copy_(dq_acc)
         launches["bwd_fused_dq"] += 1
-        return dq, dk, dv, dbias
+        return dq_acc.to(q.dtype), dk, dv, dbias
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _bwd_dq_kernel[(cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
         q, k, v, dout, lse, delta, dq, bias_t, _or(dbias_buf, lse), alibi_t, rng, cu_q, cu_k,
         *ql, *kl, *vl, *dol, *_Layout(dq, varlen).strides(), *lse_strides, *bias_strides, *dbias_strides, stride_ab,

@@ -818,10 +818,9 @@ class _Recorded:
     __slots__ = ("fn", "grid", "names", "values", "slots", "kernel", "opts")
 
     def __init__(self, fn, grid, args: dict, kernel, opts: dict, roles: dict):
-        self.fn, self.grid, self.kernel, self.opts = fn, tuple(grid) + (1,) * (3 - len(grid)), kernel, opts
-        if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
-            kernel = None  # the interpreter (or a triton without a launcher): replayed through fn[grid]
-        self.kernel = kernel
+        self.fn, self.grid, self.opts = fn, tuple(grid), opts
+        # None under the interpreter (or a triton without a launcher): replayed through fn[grid]
+        self.kernel = kernel if _launch.can_run_directly(kernel) else None
         self.names = tuple(fn.arg_names)
         self.values = [args[n] for n in self.names]
         # parameter index -> role ("q", "k", "v", "out", "seqlens", "leftpad") for the tensors a call brings; the
@@ -834,13 +833,8 @@ class _Recorded:
         values = self.values.copy()
         for i, role in self.slots:
             values[i] = call[role]
-        kernel = self.kernel
-        if kernel is not None and _launch.direct_launch_enabled() and _launch._no_hooks():
-            device = call["q"].device.index
-            stream = torch._C._cuda_getCurrentRawStream(device)
-            g = self.grid
-            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
-            _launch.STATS["direct"] += 1
+        if self.kernel is not None and _launch.direct_launch_enabled() and _launch._no_hooks():
+            _launch.run_compiled(self.kernel, self.grid, call["q"].device.index, values)
         else:
             self.fn[self.grid](**dict(zip(self.names, values)), **self.opts)
             _launch.STATS["normal"] += 1
@@ -859,11 +853,11 @@ class DecodePlan:
     Made by :func:`plan_decode`; not used while a CUDA graph is captured or under torch.compile.
     """
 
-    __slots__ = ("launches", "out_shape", "dtype", "device", "workspace", "launch_labels")
+    __slots__ = ("launches", "out_shape", "dtype", "device", "launch_labels")
 
-    def __init__(self, launches, out_shape, dtype, device, workspace, launch_labels):
+    def __init__(self, launches, out_shape, dtype, device, launch_labels):
         self.launches, self.out_shape, self.dtype, self.device = launches, out_shape, dtype, device
-        self.workspace, self.launch_labels = workspace, launch_labels
+        self.launch_labels = launch_labels
 
     def __call__(self, q, k, v, seqlens=None, leftpad=None):
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
@@ -889,14 +883,12 @@ def plan_decode(q, k, v, *, softmax_scale: float, window_left: int, window_right
     labels = [name for name, n in (LAUNCHES - before).items() for _ in range(n)]
     if unified_max is not None or not record or any(name == "fused_combine" for name in labels):
         return out, None
-    launches, workspace = [], set()
-    for fn, grid, args, kernel, opts in record:
-        roles = {"Q": "q", "K": "k", "V": "v", "OUT": "out", "SEQLENS_K": "seqlens", "LEFTPAD": "leftpad"}
-        roles = {n: r for n, r in roles.items() if n in args and (r != "seqlens" or seqlens_k is not None)
-                 and (r != "leftpad" or leftpad is not None)}
-        launches.append(_Recorded(fn, grid, args, kernel, opts, roles))
-        workspace.update(n for n in ("LSE", "O_PART", "LSE_PART") if n in args)
-    return out, DecodePlan(tuple(launches), tuple(q.shape), q.dtype, q.device, tuple(sorted(workspace)), labels)
+    roles = {"Q": "q", "K": "k", "V": "v", "OUT": "out", "SEQLENS_K": "seqlens", "LEFTPAD": "leftpad"}
+    given = {"seqlens": seqlens_k is not None, "leftpad": leftpad is not None}
+    launches = tuple(_Recorded(fn, grid, args, kernel, opts,
+                               {n: r for n, r in roles.items() if n in args and given.get(r, True)})
+                     for fn, grid, args, kernel, opts in record)
+    return out, DecodePlan(launches, tuple(q.shape), q.dtype, q.device, labels)
 
 
 @functools.lru_cache(maxsize=16)

@@ -272,7 +272,7 @@ def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     softcap = float(softcap) if softcap else 0.0
     dropout = float(dropout or 0.0)
     mask = attention_mask
-    if (mask is None or mask.dim() != 4) and _use_decode(plan, q, k, mask, dropout, sliding_window):
+    if _use_decode(plan, q, k, mask, dropout, sliding_window):
         # a decode step: the lean path (this runs once per layer per generated token)
         cache_seqlens, cache_leftpad = _decode_lengths(mask)
         out = _kvcache.decode_attention(q, k, v, cache_seqlens, cache_leftpad, scaling, bool(is_causal), window,

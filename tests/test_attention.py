@@ -90,45 +90,26 @@ def test_gqa_backward_split_over_programs(split, causal, monkeypatch):
         out.sum().backward()
 
 
-@pytest.mark.parametrize("case", ["causal-gqa", "mha-window-softcap", "mqa-alibi-split", "varlen-causal"])
+FUSED_DQ_CASES = ["causal-gqa", "mha-window-softcap", "mqa-alibi-split"]
+
+
+@pytest.mark.parametrize("case", FUSED_DQ_CASES)
 def test_fused_dq_backward(case, monkeypatch):
     """HF_FLASH_BWD_FUSED_DQ=1: dQ accumulated with atomics inside the dK/dV kernel (no dQ kernel). Gradients
-    match the reference with GQA/MQA, causal, sliding window, softcap, ALiBi, the GQA split and varlen; the dQ
-    kernel did not run; deterministic=True keeps the two-kernel backward."""
+    match the reference with GQA/MQA, causal, sliding window, softcap, ALiBi and the GQA split (varlen: in
+    test_features); the dQ kernel did not run; deterministic=True keeps the two-kernel backward."""
     monkeypatch.setenv("HF_FLASH_BWD_FUSED_DQ", "1")
-    b, sq, sk, d = SHAPES[(["causal-gqa", "mha-window-softcap", "mqa-alibi-split", "varlen-causal"].index(case) + 1)
-                          % len(SHAPES)]
-    heads = {"causal-gqa": (8, 2), "mha-window-softcap": (4, 4), "mqa-alibi-split": (4, 1),
-             "varlen-causal": (4, 2)}[case]
+    b, sq, sk, d = SHAPES[(FUSED_DQ_CASES.index(case) + 1) % len(SHAPES)]
+    heads = {"causal-gqa": (8, 2), "mha-window-softcap": (4, 4), "mqa-alibi-split": (4, 1)}[case]
     dtype = torch.bfloat16 if case != "mha-window-softcap" else torch.float16
     before = dict(kern.launches)
-    if case == "varlen-causal":
-        lens = [sq, max(1, sq // 3), sk]
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
-        g = torch.Generator(device="cpu").manual_seed(9)
-        q, k, v = (torch.randn(sum(lens), h, d, generator=g).to(DEVICE, dtype).requires_grad_()
-                   for h in (heads[0], heads[1], heads[1]))
-        out = hf_flash.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
-        dout = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), dout)
-        for i in range(len(lens)):
-            s0, s1 = int(cu[i]), int(cu[i + 1])
-            sl = [t[s0:s1].unsqueeze(0) for t in (q, k, v)]
-            ref, _ = attention_ref(*sl, causal=True)
-            ref_lp, _ = attention_ref(*sl, causal=True, upcast_dtype=None)
-            want = torch.autograd.grad(ref, (q, k, v), dout[s0:s1].unsqueeze(0))
-            want_lp = torch.autograd.grad(ref_lp, (q, k, v), dout[s0:s1].unsqueeze(0))
-            for name, a, w, wl in zip(("dq", "dk", "dv"), got, want, want_lp):
-                check_close(name, a[s0:s1], w[s0:s1], wl[s0:s1], factor=3.0)
-    else:
-        q, k, v = make_qkv(b, sq, sk, *heads, d, dtype, seed=31)
-        kw = {"causal-gqa": dict(causal=True),
-              "mha-window-softcap": dict(window_size=(17, 5), softcap=8.0),
-              "mqa-alibi-split": dict(causal=True,
-                                      alibi_slopes=torch.rand(heads[0], device=DEVICE, dtype=torch.float32))}[case]
-        if case == "mqa-alibi-split":
-            monkeypatch.setenv("HF_FLASH_BWD_GQA_SPLIT", "2")
-        compare_with_reference(q, k, v, **kw)
+    q, k, v = make_qkv(b, sq, sk, *heads, d, dtype, seed=31)
+    kw = {"causal-gqa": dict(causal=True),
+          "mha-window-softcap": dict(window_size=(17, 5), softcap=8.0),
+          "mqa-alibi-split": dict(causal=True, alibi_slopes=torch.rand(heads[0], device=DEVICE, dtype=torch.float32))}
+    if case == "mqa-alibi-split":
+        monkeypatch.setenv("HF_FLASH_BWD_GQA_SPLIT", "2")
+    compare_with_reference(q, k, v, **kw[case])
     assert kern.launches["bwd_fused_dq"] == before["bwd_fused_dq"] + 1
     assert kern.launches["bwd_dq"] == before["bwd_dq"]
     # deterministic=True: the two-kernel backward

@@ -142,8 +142,9 @@ def _prompt(batch: int, context: int, device, vocab: int = 32000):
 # ------------------------------------------------------------------------------------------------- decode
 
 
-def decode_generate_ms(model, context: int, batch: int, steps: int, reps: int) -> float:
-    """ms per step of ``generate()`` (greedy, DynamicCache) continuing from a prefilled prompt."""
+def prefilled_generate(model, context: int, batch: int, steps: int):
+    """(gen, cache): ``gen()`` runs ``generate()`` (greedy, DynamicCache) for ``steps`` tokens continuing from
+    ``cache``, prefilled here with a ``context``-token prompt, and crops the cache back to the prompt."""
     from transformers import DynamicCache
 
     device = model.device
@@ -162,8 +163,14 @@ def decode_generate_ms(model, context: int, batch: int, steps: int, reps: int) -
                        pad_token_id=0, **{key: cache})
         cache.crop(-(int(cache.get_seq_length()) - context))  # negative: tokens to remove (5.17 and 5.24)
 
+    return gen, cache
+
+
+def decode_generate_ms(model, context: int, batch: int, steps: int, reps: int) -> float:
+    """ms per step of ``generate()`` (greedy, DynamicCache) continuing from a prefilled prompt."""
+    gen, cache = prefilled_generate(model, context, batch, steps)
     ms = _wall_ms(gen, reps)
-    del cache
+    del gen, cache
     torch.cuda.empty_cache()
     return ms / steps
 
