@@ -30,6 +30,7 @@ makes, is supported), transformers' paged/continuous-batching attention under th
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 
 import torch
@@ -279,8 +280,10 @@ def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                                         softcap)
         return (out if v_dim == out.shape[-1] else out[..., :v_dim]), None
 
-    kw = dict(softmax_scale=scaling, window_size=window, softcap=softcap,
-              deterministic=bool(kwargs.get("deterministic") or torch.are_deterministic_algorithms_enabled()))
+    deterministic = kwargs.get("deterministic")
+    if deterministic is None:  # transformers' switch for its flash-attention paths
+        deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
+    kw = dict(softmax_scale=scaling, window_size=window, softcap=softcap, deterministic=bool(deterministic))
     if mask is not None and mask.dim() == 4:
         if mask.shape[-1] != k.shape[1]:
             mask = mask[..., : k.shape[1]]

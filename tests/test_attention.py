@@ -93,12 +93,17 @@ def test_gqa_backward_split_over_programs(split, causal, monkeypatch):
 FUSED_DQ_CASES = ["causal-gqa", "mha-window-softcap", "mqa-alibi-split"]
 
 
+@pytest.mark.parametrize("fused", ["default", "0"])
 @pytest.mark.parametrize("case", FUSED_DQ_CASES)
-def test_fused_dq_backward(case, monkeypatch):
-    """HF_FLASH_BWD_FUSED_DQ=1: dQ accumulated with atomics inside the dK/dV kernel (no dQ kernel). Gradients
-    match the reference with GQA/MQA, causal, sliding window, softcap, ALiBi and the GQA split (varlen: in
-    test_features); the dQ kernel did not run; deterministic=True keeps the two-kernel backward."""
-    monkeypatch.setenv("HF_FLASH_BWD_FUSED_DQ", "1")
+def test_fused_and_two_kernel_dq_backward(case, fused, monkeypatch):
+    """Both dQ paths match the reference with GQA/MQA, causal, sliding window, softcap, ALiBi and the GQA split
+    (varlen: in test_features): by default dQ is accumulated with atomics inside the dK/dV kernel (the dQ kernel
+    does not run); HF_FLASH_BWD_FUSED_DQ=0 runs the separate dQ kernel. deterministic=True and torch's
+    deterministic algorithms keep the two-kernel backward."""
+    if fused == "0":
+        monkeypatch.setenv("HF_FLASH_BWD_FUSED_DQ", "0")
+    else:
+        monkeypatch.delenv("HF_FLASH_BWD_FUSED_DQ", raising=False)
     b, sq, sk, d = SHAPES[(FUSED_DQ_CASES.index(case) + 1) % len(SHAPES)]
     heads = {"causal-gqa": (8, 2), "mha-window-softcap": (4, 4), "mqa-alibi-split": (4, 1)}[case]
     dtype = torch.bfloat16 if case != "mha-window-softcap" else torch.float16
@@ -110,12 +115,23 @@ def test_fused_dq_backward(case, monkeypatch):
     if case == "mqa-alibi-split":
         monkeypatch.setenv("HF_FLASH_BWD_GQA_SPLIT", "2")
     compare_with_reference(q, k, v, **kw[case])
-    assert kern.launches["bwd_fused_dq"] == before["bwd_fused_dq"] + 1
-    assert kern.launches["bwd_dq"] == before["bwd_dq"]
-    # deterministic=True: the two-kernel backward
+    fused_runs = 1 if fused == "default" else 0
+    assert kern.launches["bwd_fused_dq"] == before["bwd_fused_dq"] + fused_runs
+    assert kern.launches["bwd_dq"] == before["bwd_dq"] + 1 - fused_runs
+    if fused == "0":
+        return
+    # deterministic=True and torch.use_deterministic_algorithms: the two-kernel backward
     q, k, v = make_qkv(1, 40, 40, 4, 2, 32, torch.float32, seed=1)
     flash_attn_func(q, k, v, causal=True, deterministic=True).sum().backward()
     assert kern.launches["bwd_dq"] == before["bwd_dq"] + 1
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        flash_attn_func(q, k, v, causal=True).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert kern.launches["bwd_dq"] == before["bwd_dq"] + 2
+    assert kern.launches["bwd_fused_dq"] == before["bwd_fused_dq"] + 1
 
 
 @pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])

@@ -55,9 +55,10 @@ def compile_all(features):
     fwd = build(A._fwd_kernel, dict(BASE, BLOCK_M=128, BLOCK_N=64, REVERSE_M=True, **features))
     assert "wgmma.mma_async" in fwd.asm["ptx"], "the forward does not use Hopper's wgmma"
     bwd = dict(BASE, BLOCK_M=64, BLOCK_N=128, **features)
-    build(A._bwd_dkdv_kernel, bwd)
+    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=True))  # the default: dQ with atomics
+    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=False))
     build(A._bwd_dq_kernel, dict(bwd, DBIAS_MODE=2 if features else 0))
-    return "compiled fwd, dkdv, dq for sm_90"
+    return "compiled fwd, dkdv (fused dq and not), dq for sm_90"
 
 
 @pytest.mark.parametrize("features", ["plain", "all"])
@@ -69,7 +70,7 @@ def test_fa2_kernels_compile_for_sm90(features):
                           timeout=600)
     if "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("this Triton has no ptxas for the platform")
-    assert proc.returncode == 0 and "compiled fwd, dkdv, dq for sm_90" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "compiled fwd, dkdv (fused dq and not), dq for sm_90" in proc.stdout, proc.stderr[-3000:]
 
 
 if __name__ == "__main__":

@@ -191,12 +191,15 @@ def test_varlen_matches_padded_reference(causal, window):
         check_close(name, a, b, c, factor=3.0)
 
 
-def test_varlen_fused_dq_backward(monkeypatch):
-    """The varlen case above with dQ added by atomics inside the dK/dV kernel (HF_FLASH_BWD_FUSED_DQ=1)."""
-    monkeypatch.setenv("HF_FLASH_BWD_FUSED_DQ", "1")
+def test_varlen_two_kernel_dq_backward(monkeypatch):
+    """The varlen case above with the separate dQ kernel (HF_FLASH_BWD_FUSED_DQ=0; by default dQ is added with
+    atomics inside the dK/dV kernel, which the test above runs)."""
     before = kern.launches["bwd_fused_dq"], kern.launches["bwd_dq"]
     test_varlen_matches_padded_reference(True, (-1, -1))
     assert (kern.launches["bwd_fused_dq"], kern.launches["bwd_dq"]) == (before[0] + 1, before[1])
+    monkeypatch.setenv("HF_FLASH_BWD_FUSED_DQ", "0")
+    test_varlen_matches_padded_reference(True, (-1, -1))
+    assert (kern.launches["bwd_fused_dq"], kern.launches["bwd_dq"]) == (before[0] + 1, before[1] + 1)
 
 
 def test_varlen_packed_forms_softcap_alibi_bias():
