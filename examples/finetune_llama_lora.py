@@ -165,7 +165,7 @@ def main(argv=None) -> None:
         print(f"trained {args.steps} steps in {secs:.1f}s (gradient checkpointing on): loss {losses[0]:.4f} -> "
               f"{losses[-1]:.4f}")
         fwd = flash_kernels.launches["fwd"] - before["fwd"]
-        bwd = flash_kernels.launches["bwd_dq"] - before["bwd_dq"]
+        bwd = flash_kernels.launches["bwd_dkdv"] - before["bwd_dkdv"]
         # with checkpointing every layer's forward runs twice per step: once plain, once recomputed in backward
         print(f"flashtri FA2 kernel launches: forward {fwd}, backward {bwd}")
 

@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         print(f"trained {args.steps} steps in {secs:.1f}s: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         fwd = flash_kernels.launches["fwd"] - before["fwd"]
-        bwd = flash_kernels.launches["bwd_dq"] - before["bwd_dq"]
+        bwd = flash_kernels.launches["bwd_dkdv"] - before["bwd_dkdv"]
         print(f"flashtri FA2 kernel launches: forward {fwd}, backward {bwd}")
         if args.out:
             trainer.save_model(args.out)
