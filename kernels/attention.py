@@ -49,7 +49,7 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0, "bwd_dbias": 0}
+launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0, "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -58,16 +58,28 @@ launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0,
 
 
 @triton.jit
+def _tma_tile(D, b, hk, k_start, start_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of K or V through a tensor descriptor (Hopper's bulk tensor copy): dense
+    (batch, seqlen, heads, dim) with block (1, BLOCK_N, 1, BLOCK_D), or varlen (total, heads, dim) with block
+    (BLOCK_N, 1, BLOCK_D). Out-of-bounds rows and head-dim padding come back as zeros."""
+    if IS_VARLEN:
+        t = D.load([k_start + start_n, hk, 0])
+    else:
+        t = D.load([b, start_n, hk, 0])
+    return t.reshape(BLOCK_N, BLOCK_D)
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
                offs_m, offs_d, n_lo, n_hi, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope,
-               window_left, window_right, seed, rng_offset, bh, dropout_p,
+               window_left, window_right, seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr, IS_VARLEN: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    for start_n in range(n_lo, n_hi, BLOCK_N):
+    for start_n in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPEC):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
             kv_mask = (offs_n < seqlen_k)[:, None] & d_ok[None, :]
@@ -81,7 +93,9 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base
             bias = 0.0
             live = True
         if live:
-            if EVEN_D and not MASKED:
+            if TMA:
+                k = _tma_tile(KD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
+            elif EVEN_D and not MASKED:
                 k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
             else:
                 k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -106,7 +120,13 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
                 p = tl.where(keep, p, 0.0)
-            if EVEN_D and not MASKED:
+            if TMA:
+                v = _tma_tile(VD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
+                if MASKED:
+                    # rows past this sequence's keys (the next sequence's, in a varlen batch) weigh 0; zero them
+                    # so that a non-finite value there cannot leak in as 0 * inf
+                    v = tl.where((offs_n < seqlen_k)[:, None], v, 0.0)
+            elif EVEN_D and not MASKED:
                 v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
             else:
                 v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -116,7 +136,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK,
+def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK, KD, VD,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                 stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
                 stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
@@ -124,7 +144,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 IS_VARLEN: tl.constexpr, WINDOWED: tl.constexpr, REVERSE_M: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr = False,
+                WARP_SPEC: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if REVERSE_M:
         # causal: the longest rows first, so the tail of the grid is short work
@@ -159,20 +180,20 @@ def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK,
     # masked blocks before the fully visible ones (window's left edge)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm,
                                stride_bn, offs_m, offs_d, lo, full_lo, seqlen_q, seqlen_k, shift, scale_log2, softcap,
-                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, HEAD_DIM,
-                               BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
-                               DOT_PREC)
+                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, KD, VD, b, hk,
+                               k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT,
+                               True, WINDOWED, DOT_PREC, TMA, WARP_SPEC, IS_VARLEN)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm,
                                stride_bn, offs_m, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, shift, scale_log2,
                                softcap, slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, False,
-                               WINDOWED, DOT_PREC)
+                               KD, VD, b, hk, k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI,
+                               BIAS_TYPE, HAS_DROPOUT, False, WINDOWED, DOT_PREC, TMA, WARP_SPEC, IS_VARLEN)
     # masked blocks after them (diagonal of a causal mask, window's right edge, ragged end of the keys)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm,
                                stride_bn, offs_m, offs_d, full_hi, hi, seqlen_q, seqlen_k, shift, scale_log2, softcap,
-                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, HEAD_DIM,
-                               BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
-                               DOT_PREC)
+                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, KD, VD, b, hk,
+                               k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT,
+                               True, WINDOWED, DOT_PREC, TMA, WARP_SPEC, IS_VARLEN)
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     if HAS_DROPOUT:
@@ -628,6 +649,40 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
+def fwd_tma_mode() -> str:
+    """``HF_FLASH_FWD_TMA``: ``1`` loads the forward's K/V tiles through tensor descriptors (Hopper's bulk tensor
+    copy engine, TMA), ``ws`` also asks Triton to warp-specialise the key loop (producer warps for the copies,
+    consumer warps for the math); ``0`` (default) plain pointer loads. Tested on the interpreter and compiled for
+    sm_90 here; not yet measured on the GPU, hence off. Taken only where the layout allows (see
+    :func:`_kv_descriptors`); elsewhere the pointer path runs."""
+    mode = os.environ.get("HF_FLASH_FWD_TMA", "0").strip().lower()
+    if mode in ("", "0"):
+        return ""
+    if mode not in ("1", "ws"):
+        raise ValueError(f"HF_FLASH_FWD_TMA={mode!r}: accepted values are 0, 1 and ws")
+    return mode
+
+
+def _kv_descriptors(k, v, block_n: int, block_d: int, varlen: bool):
+    """Host tensor descriptors for K and V, or None where TMA cannot take them: not a Hopper-or-newer GPU (the
+    CPU interpreter emulates them), a base address or a non-last stride not a multiple of 16 bytes, a last
+    stride other than 1."""
+    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    descs = []
+    for t in (k, v):
+        item = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * item) % 16 for st in t.stride()[:-1]):
+            return None
+        block = [block_n, 1, block_d] if varlen else [1, block_n, 1, block_d]
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block))
+    return tuple(descs)
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.bfloat16 and device.type == "cpu":
         return "interp-bf16"
@@ -685,9 +740,12 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     alibi_t, stride_ab = _alibi_args(alibi_slopes, q)
     cfg = configs.fwd_config(head_dim, q.dtype, q.device, max_seqlen_q, max_seqlen_k)
     grid = (cdiv(max_seqlen_q, cfg.block_m), batch * nheads)
+    block_d = configs.padded_head_dim(head_dim)
+    mode = fwd_tma_mode()
+    descs = _kv_descriptors(k, v, cfg.block_n, block_d, varlen) if mode else None
     _fwd_kernel[grid](
         q, k, v, out, lse, _or(bias_t, lse), _or(alibi_t, lse), _or(rng, lse), _or(cu_seqlens_q, lse),
-        _or(cu_seqlens_k, lse),
+        _or(cu_seqlens_k, lse), *(descs or (lse, lse)),
         *_Layout(q, varlen).strides(), *_Layout(k, varlen).strides(), *_Layout(v, varlen).strides(),
         *_Layout(out, varlen).strides(), *_lse_strides(lse, varlen), *bias_strides, stride_ab,
         nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, _scale_arg(softmax_scale, softcap), softcap,
@@ -696,9 +754,12 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
         IS_VARLEN=varlen, WINDOWED=windowed, REVERSE_M=windowed and right == 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_TYPE=bias_type,
         HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype, q.device),
+        TMA=descs is not None, WARP_SPEC=descs is not None and mode == "ws",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launches["fwd"] += 1
+    if descs is not None:
+        launches["fwd_tma"] += 1
     return out, lse
 
 

@@ -234,6 +234,30 @@ def test_eager_function_and_custom_op_give_the_same_results(monkeypatch):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("mode", ["1", "ws"])
+def test_forward_through_tensor_descriptors(mode, monkeypatch):
+    """HF_FLASH_FWD_TMA: the forward loads K/V tiles through tensor descriptors (zero-filled past the keys and in
+    the head-dim padding) and matches the reference: GQA, causal with seqlen_q > seqlen_k, head dim 80, a sliding
+    window, forward + backward. A layout the descriptors cannot take (a row stride that is not a multiple of 16
+    bytes) runs the pointer path; an unknown value is a clear error."""
+    monkeypatch.setenv("HF_FLASH_FWD_TMA", mode)
+    b, sq, sk, d = SHAPES[2]
+    q, k, v = make_qkv(b, sq, sk, 4, 2, d, torch.bfloat16, seed=3)
+    before = kern.launches["fwd_tma"]
+    compare_with_reference(q, k, v, causal=True)
+    assert kern.launches["fwd_tma"] > before
+    mid = kern.launches["fwd_tma"]
+    compare_with_reference(q, k, v, window_size=(9, 3))
+    assert kern.launches["fwd_tma"] > mid
+    q, k, v = make_qkv(1, 33, 40, 2, 1, 36, torch.bfloat16, seed=4)  # 72-byte rows
+    after = kern.launches["fwd_tma"]
+    compare_with_reference(q, k, v, causal=True)
+    assert kern.launches["fwd_tma"] == after
+    monkeypatch.setenv("HF_FLASH_FWD_TMA", "yes")
+    with pytest.raises(ValueError, match="HF_FLASH_FWD_TMA"):
+        flash_attn_func(q, k, v)
+
+
 @pytest.mark.gpu
 def test_memory_linear_at_16k():
     """Forward+backward at 16k allocates memory linear in the sequence length (nothing N x N)."""

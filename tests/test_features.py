@@ -191,6 +191,15 @@ def test_varlen_matches_padded_reference(causal, window):
         check_close(name, a, b, c, factor=3.0)
 
 
+def test_varlen_forward_through_tensor_descriptors(monkeypatch):
+    """The varlen case above with K/V tiles loaded through tensor descriptors (HF_FLASH_FWD_TMA=1): a block that
+    runs past a sequence's keys reads the next sequence's rows, which the mask must keep out."""
+    monkeypatch.setenv("HF_FLASH_FWD_TMA", "1")
+    before = kern.launches["fwd_tma"]
+    test_varlen_matches_padded_reference(True, (-1, -1))
+    assert kern.launches["fwd_tma"] > before
+
+
 def test_varlen_two_kernel_dq_backward(monkeypatch):
     """The varlen case above with the separate dQ kernel (HF_FLASH_BWD_FUSED_DQ=0; by default dQ is added with
     atomics inside the dK/dV kernel, which the test above runs)."""
