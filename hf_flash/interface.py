@@ -116,7 +116,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: (left, right) sliding window, -1 = unbounded.
         softcap: 0.0 disables; > 0 applies softcap * tanh(scores / softcap).
         alibi_slopes: (nheads,) or (batch, nheads) float32.
-        deterministic: bitwise-repeatable backward.
+        deterministic: a bitwise-repeatable backward (dQ from its own kernel, no atomics; also taken under
+            ``torch.use_deterministic_algorithms(True)``). By default dQ is added with atomics from the dK/dV
+            kernel, as in flash-attn: faster, with float32 rounding that can differ between runs on a GPU.
         return_attn_probs: also return the log-sum-exp and the attention probabilities (debug path).
         attn_bias: (hf_flash only) float or bool tensor broadcastable to (batch, nheads, seqlen_q, seqlen_k);
             dimensions of size 1 are read with stride 0. A float bias that requires grad gets a gradient.

@@ -604,8 +604,9 @@ def fused_dq_enabled() -> bool:
     """dQ from the dK/dV kernel: each key block's share of dQ is added into a float32 accumulator with atomics
     (FlashAttention-2's backward: 5 matrix products per tile pair instead of the 7 of a separate dQ pass, which
     recomputes QK^T and dO V^T), and the dQ kernel does not run. The default (as in flash-attn, whose dQ is also
-    accumulated with atomics): measured 1.13-1.17x faster than the two-kernel backward for causal GQA at 4k and
-    16k on an H200 (benchmarks/NOTES.md). Not bitwise deterministic, so ``deterministic=True``,
+    accumulated with atomics): forward + backward measured 1.16x faster than with the two-kernel backward for
+    causal GQA at 16k and 1.10x for multi-head attention at 4k, and, with the GQA split, 1.18x for batch-1 GQA at
+    4k (H200, benchmarks/NOTES.md). Not bitwise deterministic, so ``deterministic=True``,
     ``torch.use_deterministic_algorithms(True)`` and bias gradients keep the two-kernel backward;
     ``HF_FLASH_BWD_FUSED_DQ=0`` forces it."""
     return os.environ.get("HF_FLASH_BWD_FUSED_DQ", "1") != "0"
@@ -622,7 +623,7 @@ def gqa_split(batch: int, nheads_k: int, group: int, n_blocks_k: int, device: to
     if group <= 1 or mode in ("", "1", "0"):
         return 1
     if mode == "auto":
-        sms = _sm_count(device)
+        sms = configs.num_sms(device)
         for s in range(1, group + 1):
             if group % s == 0 and batch * nheads_k * n_blocks_k * s >= 4 * sms:
                 return s
@@ -635,18 +636,6 @@ def gqa_split(batch: int, nheads_k: int, group: int, n_blocks_k: int, device: to
         raise ValueError(f"HF_FLASH_BWD_GQA_SPLIT={mode!r}: takes 1, 'auto' or a divisor of the GQA group "
                          f"({group} query heads per KV head here)")
     return s
-
-
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 16  # the interpreter: a small "GPU", so CPU tests take the split path on small shapes
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
 
 
 def fwd_tma_mode() -> str:

@@ -11,9 +11,11 @@ sweep is in benchmarks/results/tune_attention_h100.json); an override
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
+import torch
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,19 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; the CPU interpreter pretends to have 16 (a small "GPU", so CPU
+    tests take the paths that split work on small shapes)."""
+    if device.type == "cuda":
+        return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+    return 16
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_flash.kernels.configs import cdiv, next_pow2
+from hf_flash.kernels.configs import cdiv, next_pow2, num_sms
 
 from hf_flash.kernels import _launch
 from hf_flash.kernels._common import mma, tanh_f32
@@ -585,17 +585,6 @@ def _append_rotary_kernel(
 
 
 # ------------------------------------------------------------------------------------------ heuristics, config
-
-@functools.lru_cache(maxsize=None)
-def _num_sms_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; the CPU interpreter pretends to have 16."""
-    if device.type == "cuda":
-        return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
-    return 16
 
 
 @functools.lru_cache(maxsize=4096)
