@@ -49,7 +49,8 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0, "bwd_dbias": 0}
+launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0,
+            "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
