@@ -249,6 +249,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                     DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
     # Tiles are key-major here: rows are keys (offs_n), columns are queries (offs_m).
     d_ok = offs_d < HEAD_DIM
+    # blocks that every key sees in full hold only rows < seqlen_q: their loads need no mask
+    PLAIN: tl.constexpr = not MASKED and HEAD_DIM == BLOCK_D
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen_q
@@ -264,11 +266,19 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             bias = 0.0
             live = True
         if live:
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-            # rows past the end get lse = +inf, hence p = 0, and contribute nothing
-            lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            if PLAIN:
+                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :])
+                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :])
+            else:
+                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+            if MASKED:
+                # rows past the end get lse = +inf, hence p = 0, and contribute nothing
+                lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            else:
+                lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
+                delta = tl.load(delta_base + offs_m)
             qk_t = mma(k, tl.trans(q), None, DOT_PREC)
             s2, t = score_mod(qk_t, offs_m[None, :], offs_n[:, None], shift, seqlen_k, scale_log2, softcap, slope,
                               bias, window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, MASKED, WINDOWED)
@@ -289,8 +299,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             if FUSE_DQ:
                 # this key block's share of dQ, added into the float32 accumulator (FlashAttention-2's atomic dQ)
                 dq_part = mma(tl.trans(ds_t.to(k.dtype)), k, None, DOT_PREC) * sm_scale
-                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq_part,
-                              mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+                if PLAIN:
+                    tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq_part, sem="relaxed")
+                else:
+                    tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq_part,
+                                  mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -399,8 +412,12 @@ def _bwd_dq_inner(dq, dbias_acc, q, do, lse2, delta, k_base, v_base, stride_kn, 
             bias = 0.0
             live = True
         if live:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if not MASKED and HEAD_DIM == BLOCK_D:  # whole key blocks: no mask needed
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+            else:
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
             qk = mma(q, tl.trans(k), None, DOT_PREC)
             s2, t = score_mod(qk, offs_m[:, None], offs_n[None, :], shift, seqlen_k, scale_log2, softcap, slope,
                               bias, window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, MASKED, WINDOWED)
