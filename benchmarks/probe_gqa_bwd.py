@@ -6,7 +6,8 @@ and CUDNN_ATTENTION (``enable_gqa=True``) in the same run (GPU box). bf16.
 
 Shapes: a batch-1 Llama-3-8B layer (32 query / 8 KV heads, head dim 128) at 4k and 16k; GPT-2 small (12 heads,
 head dim 64, batch 8 x 1k); a multi-head head-dim-128 layer (Llama-2-7B: 32 heads, batch 2 x 4k). ``--full`` adds
-the tile-config sweep of the Llama-3 shapes. The forward also runs with ``HF_FLASH_FWD_TMA=1`` and ``ws``.
+the tile-config sweep of the Llama-3 shapes. The forward also runs with ``HF_FLASH_FWD_TMA=1`` and ``ws``, the backward
+with ``HF_FLASH_BWD_TMA=1``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ BWD_VARIANTS = (("default (fused dq, gqa split auto)", {}),
                 ("two-kernel dq, no split", {"HF_FLASH_BWD_FUSED_DQ": "0", "HF_FLASH_BWD_GQA_SPLIT": "1"}),
                 ("fused dq, no split", {"HF_FLASH_BWD_GQA_SPLIT": "1"}),
                 ("two-kernel dq, gqa split auto", {"HF_FLASH_BWD_FUSED_DQ": "0"}),
-                ("default, forward with TMA", {"HF_FLASH_FWD_TMA": "1"}))
+                ("default, forward with TMA", {"HF_FLASH_FWD_TMA": "1"}),
+                ("default, dK/dV with TMA", {"HF_FLASH_BWD_TMA": "1"}),
+                ("default, forward and dK/dV with TMA", {"HF_FLASH_FWD_TMA": "1", "HF_FLASH_BWD_TMA": "1"}))
 BWD_CONFIGS_FULL = ("64,64,4,3", "64,128,8,3", "32,64,4,3")
 
 

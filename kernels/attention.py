@@ -49,8 +49,8 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0,
-            "bwd_dbias": 0}
+launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_tma": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0,
+            "bwd_dq": 0, "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,15 +59,16 @@ launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd
 
 
 @triton.jit
-def _tma_tile(D, b, hk, k_start, start_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """A (BLOCK_N, BLOCK_D) tile of K or V through a tensor descriptor (Hopper's bulk tensor copy): dense
-    (batch, seqlen, heads, dim) with block (1, BLOCK_N, 1, BLOCK_D), or varlen (total, heads, dim) with block
-    (BLOCK_N, 1, BLOCK_D). Out-of-bounds rows and head-dim padding come back as zeros."""
+def _tma_tile(D, b, head, seq_start, start, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A (ROWS, BLOCK_D) tile (rows start.. of sequence b, one head) through a tensor descriptor (Hopper's bulk
+    tensor copy): dense (batch, seqlen, heads, dim) with block (1, ROWS, 1, BLOCK_D), or varlen (total, heads,
+    dim) with block (ROWS, 1, BLOCK_D) and the sequence starting at row seq_start. Rows past the tensor and the
+    head-dim padding come back as zeros."""
     if IS_VARLEN:
-        t = D.load([k_start + start_n, hk, 0])
+        t = D.load([seq_start + start, head, 0])
     else:
-        t = D.load([b, start_n, hk, 0])
-    return t.reshape(BLOCK_N, BLOCK_D)
+        t = D.load([b, start, head, 0])
+    return t.reshape(ROWS, BLOCK_D)
 
 
 @triton.jit
@@ -243,10 +244,11 @@ def _bwd_preprocess(O, DO, Delta, CuQ, stride_ob, stride_om, stride_oh, stride_d
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base,
                     stride_bm, stride_bn, offs_n, offs_d, m_lo, m_hi, seqlen_q, seqlen_k, shift, scale_log2, softcap,
                     slope, window_left, window_right, seed, rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale,
+                    QD, DOD, b, h, q_start,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
-                    DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
+                    DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     # Tiles are key-major here: rows are keys (offs_n), columns are queries (offs_m).
     d_ok = offs_d < HEAD_DIM
     # blocks that every key sees in full hold only rows < seqlen_q: their loads need no mask
@@ -266,7 +268,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             bias = 0.0
             live = True
         if live:
-            if PLAIN:
+            if TMA:
+                q = _tma_tile(QD, b, h, q_start, start_m, BLOCK_M, BLOCK_D, IS_VARLEN)
+                do = _tma_tile(DOD, b, h, q_start, start_m, BLOCK_M, BLOCK_D, IS_VARLEN)
+                if MASKED:  # rows past this sequence (the next one's, in a varlen batch) count as zeros
+                    q = tl.where(m_ok[:, None], q, 0.0)
+                    do = tl.where(m_ok[:, None], do, 0.0)
+            elif PLAIN:
                 q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :])
                 do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :])
             else:
@@ -308,7 +316,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ, CuK,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ, CuK, QD, DOD,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                      stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
                      stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
@@ -318,7 +326,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      IS_VARLEN: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
+                     DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr = False):
     # gsplit > 1: the GQA group's query heads are shared out over gsplit programs per (key block, KV head); each
     # writes its partial dK/dV (float32) at DK/DV + split * stride_dks/dvs, summed afterwards on the host side
     pid_n = tl.program_id(0)
@@ -367,19 +375,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ,
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k,
                                  shift, scale_log2, softcap, slope, window_left, window_right, seed, rng_offset, bh,
-                                 dropout_p, dq_base, stride_dqm, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D,
-                                 HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED, DOT_PREC, FUSE_DQ)
+                                 dropout_p, dq_base, stride_dqm, sm_scale, QD, DOD, b, h, q_start, HEAD_DIM,
+                                 BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
+                                 DOT_PREC, FUSE_DQ, TMA, IS_VARLEN)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, full_lo, full_hi, seqlen_q,
                                  seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right, seed,
-                                 rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale, HEAD_DIM, BLOCK_M,
-                                 BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, False, WINDOWED, DOT_PREC,
-                                 FUSE_DQ)
+                                 rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale, QD, DOD, b, h, q_start,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, False,
+                                 WINDOWED, DOT_PREC, FUSE_DQ, TMA, IS_VARLEN)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k,
                                  shift, scale_log2, softcap, slope, window_left, window_right, seed, rng_offset, bh,
-                                 dropout_p, dq_base, stride_dqm, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D,
-                                 HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED, DOT_PREC, FUSE_DQ)
+                                 dropout_p, dq_base, stride_dqm, sm_scale, QD, DOD, b, h, q_start, HEAD_DIM,
+                                 BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
+                                 DOT_PREC, FUSE_DQ, TMA, IS_VARLEN)
     dk = dk * sm_scale
     gs64 = gs.to(tl.int64)
     tl.store(DK + gs64 * stride_dks + b64 * stride_dkb + k_row * stride_dkn + hk * stride_dkh + offs_d[None, :],
@@ -661,7 +671,7 @@ def fwd_tma_mode() -> str:
     copy engine, TMA), ``ws`` also asks Triton to warp-specialise the key loop (producer warps for the copies,
     consumer warps for the math); ``0`` (default) plain pointer loads. Tested on the interpreter and compiled for
     sm_90 here; not yet measured on the GPU, hence off. Taken only where the layout allows (see
-    :func:`_kv_descriptors`); elsewhere the pointer path runs."""
+    :func:`_descriptors`); elsewhere the pointer path runs."""
     mode = os.environ.get("HF_FLASH_FWD_TMA", "0").strip().lower()
     if mode in ("", "0"):
         return ""
@@ -670,10 +680,21 @@ def fwd_tma_mode() -> str:
     return mode
 
 
-def _kv_descriptors(k, v, block_n: int, block_d: int, varlen: bool):
-    """Host tensor descriptors for K and V, or None where TMA cannot take them: not a Hopper-or-newer GPU (the
-    CPU interpreter emulates them), a base address or a non-last stride not a multiple of 16 bytes, a last
-    stride other than 1."""
+def bwd_tma_enabled() -> bool:
+    """``HF_FLASH_BWD_TMA=1``: the dK/dV kernel loads its Q and dO tiles through tensor descriptors (TMA) instead
+    of pointer tensors, which also frees the registers that hold a tile's addresses. Tested on the interpreter
+    and compiled for sm_90 here; not yet measured on the GPU, hence off."""
+    mode = os.environ.get("HF_FLASH_BWD_TMA", "0").strip()
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"HF_FLASH_BWD_TMA={mode!r}: accepted values are 0 and 1")
+    return mode == "1"
+
+
+def _descriptors(tensors, block_rows: int, block_d: int, varlen: bool):
+    """Host tensor descriptors of (ROWS, BLOCK_D) tiles for each tensor, or None where TMA cannot take them: not a
+    Hopper-or-newer GPU (the CPU interpreter emulates them), a base address or a non-last stride not a multiple
+    of 16 bytes, a last stride other than 1."""
+    k = tensors[0]
     if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
         return None
     try:
@@ -681,11 +702,11 @@ def _kv_descriptors(k, v, block_n: int, block_d: int, varlen: bool):
     except ImportError:
         return None
     descs = []
-    for t in (k, v):
+    for t in tensors:
         item = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * item) % 16 for st in t.stride()[:-1]):
             return None
-        block = [block_n, 1, block_d] if varlen else [1, block_n, 1, block_d]
+        block = [block_rows, 1, block_d] if varlen else [1, block_rows, 1, block_d]
         descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block))
     return tuple(descs)
 
@@ -749,7 +770,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     grid = (cdiv(max_seqlen_q, cfg.block_m), batch * nheads)
     block_d = configs.padded_head_dim(head_dim)
     mode = fwd_tma_mode()
-    descs = _kv_descriptors(k, v, cfg.block_n, block_d, varlen) if mode else None
+    descs = _descriptors((k, v), cfg.block_n, block_d, varlen) if mode else None
     _fwd_kernel[grid](
         q, k, v, out, lse, _or(bias_t, lse), _or(alibi_t, lse), _or(rng, lse), _or(cu_seqlens_q, lse),
         _or(cu_seqlens_k, lse), *(descs or (lse, lse)),
@@ -840,12 +861,16 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         dq_strides = _Layout(dq_acc, varlen).strides()
     else:
         dq_acc, dq_strides = lse, (0, 0, 0)
+    descs = _descriptors((q, dout), cfg.block_m, block_d, varlen) if bwd_tma_enabled() else None
     _bwd_dkdv_kernel[(n_blocks_k, batch * nheads_k * gsplit)](
-        q, k, v, dout, lse, delta, dk_out, dv_out, dq_acc, bias_t, alibi_t, rng, cu_q, cu_k,
+        q, k, v, dout, lse, delta, dk_out, dv_out, dq_acc, bias_t, alibi_t, rng, cu_q, cu_k, *(descs or (lse, lse)),
         *ql, *kl, *vl, *dol, *dk_layout, *dv_layout, *lse_strides,
         *bias_strides, stride_ab, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, scale_arg, softmax_scale,
-        softcap, dropout_p, left, right, gsplit, *split_strides, *dq_strides, FUSE_DQ=fuse_dq, **common)
+        softcap, dropout_p, left, right, gsplit, *split_strides, *dq_strides, FUSE_DQ=fuse_dq, TMA=descs is not None,
+        **common)
     launches["bwd_dkdv"] += 1
+    if descs is not None:
+        launches["bwd_dkdv_tma"] += 1
     dk, dv = dk_out, dv_out
     if gsplit > 1:
         dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)

@@ -25,7 +25,7 @@ def _types(name, bias_type):
         return "*i64"
     if name in ("CuQ", "CuK"):
         return "*i32"
-    if name in ("KD", "VD"):
+    if name in ("KD", "VD", "QD", "DOD"):
         return "*fp32"  # placeholders when the forward loads K/V through pointers
     if name in ("scale_log2", "sm_scale", "softcap", "dropout_p"):
         return "fp32"
@@ -63,8 +63,12 @@ def compile_all(features):
                     types=dict(KD=desc, VD=desc))
         assert "cp.async.bulk.tensor" in tma.asm["ptx"], "the TMA forward does not use the bulk tensor copy"
     bwd = dict(BASE, BLOCK_M=64, BLOCK_N=128, **features)
-    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=True))  # the default: dQ with atomics
-    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=False))
+    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=True, TMA=False))  # the default: dQ with atomics
+    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=False, TMA=False))
+    if not features:  # Q/dO through tensor descriptors (HF_FLASH_BWD_TMA=1)
+        desc = "tensordesc<bf16[1, 64, 1, 128]>"
+        tma = build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=True, TMA=True), types=dict(QD=desc, DOD=desc))
+        assert "cp.async.bulk.tensor" in tma.asm["ptx"], "the TMA dK/dV kernel does not use the bulk tensor copy"
     build(A._bwd_dq_kernel, dict(bwd, DBIAS_MODE=2 if features else 0))
     return "compiled fwd, dkdv (fused dq and not), dq for sm_90"
 

@@ -192,12 +192,14 @@ def test_varlen_matches_padded_reference(causal, window):
 
 
 def test_varlen_forward_through_tensor_descriptors(monkeypatch):
-    """The varlen case above with K/V tiles loaded through tensor descriptors (HF_FLASH_FWD_TMA=1): a block that
-    runs past a sequence's keys reads the next sequence's rows, which the mask must keep out."""
+    """The varlen case above with tiles loaded through tensor descriptors (HF_FLASH_FWD_TMA=1 for K/V in the
+    forward, HF_FLASH_BWD_TMA=1 for Q/dO in the dK/dV kernel): a block that runs past a sequence reads the next
+    sequence's rows, which the masks must keep out."""
     monkeypatch.setenv("HF_FLASH_FWD_TMA", "1")
-    before = kern.launches["fwd_tma"]
+    monkeypatch.setenv("HF_FLASH_BWD_TMA", "1")
+    before = kern.launches["fwd_tma"], kern.launches["bwd_dkdv_tma"]
     test_varlen_matches_padded_reference(True, (-1, -1))
-    assert kern.launches["fwd_tma"] > before
+    assert kern.launches["fwd_tma"] > before[0] and kern.launches["bwd_dkdv_tma"] > before[1]
 
 
 def test_varlen_two_kernel_dq_backward(monkeypatch):
