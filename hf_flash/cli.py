@@ -236,12 +236,12 @@ def _check_cases(device, dtype, gen):
             return _compare("out", out, ref32, ref_low, FWD_FACTOR, fl)
         return case
 
-    def fwd_bwd_case(func_name, sq_, sk_, h_, hk_, with_out):
+    def fwd_bwd_case(func_name, sq_, sk_, h_, hk_, with_out, **kw):
         def case():
             fn = _lookup(func_name)
             q, k, v = dense_inputs(sq_, sk_, h_, hk_)
             dout = _rand((b, sq_, h_, d), dtype, device, gen)
-            out, grads = _attention_grads(lambda q_, k_, v_: fn(q_, k_, v_, causal=True), (q, k, v), dout)
+            out, grads = _attention_grads(lambda q_, k_, v_: fn(q_, k_, v_, causal=True, **kw), (q, k, v), dout)
             out32, grads32 = _attention_grads(ref_fn(torch.float32), (q, k, v), dout)
             out_low, grads_low = _attention_grads(ref_fn(None), (q, k, v), dout)
             results = [_compare("out", out, out32, out_low, FWD_FACTOR, fl)] if with_out else []
@@ -298,6 +298,8 @@ def _check_cases(device, dtype, gen):
          fwd_case("flash_attn_func", sq, sk, h, hk)),
         (f"FA2 backward        (causal, GQA {h}/{hk}, s_q={sq} s_k={sk}, d={d})",
          fwd_bwd_case("flash_attn_func", sq, sk, h, hk, with_out=False)),
+        (f"FA2 bwd determinist (causal, GQA {h}/{hk}, s_q={sq} s_k={sk}, d={d}; dQ kernel, no atomics)",
+         fwd_bwd_case("flash_attn_func", sq, sk, h, hk, with_out=False, deterministic=True)),
         (f"varlen fwd+bwd      (causal, GQA {h}/{hk}, lengths {sh.varlen}, d={d})", varlen_case),
         (f"FA1 fwd+bwd         (causal, MHA {h}, s={sq_sq}, d={d})",
          fwd_bwd_case("flash_attn_fa1_func", sq_sq, sq_sq, h, h, with_out=True)),
