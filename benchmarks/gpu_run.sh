@@ -11,12 +11,13 @@
 # host-time ablation; see benchmarks/NOTES.md).
 # OUT_DIR defaults to benchmarks/results. --quick passes --quick to the benchmarks (a few points, files named
 # <name>_quick.*).
-# Test selection: PYTEST_ARGS (default "tests"), e.g. PYTEST_ARGS="tests/test_decode.py -k paged" (split on spaces).
+# Test selection: PYTEST_ARGS (default "tests"), e.g. PYTEST_ARGS="tests/test_decode.py -k paged" (split on spaces);
+# PYTEST_WORKERS (default 8; 1 = one process) parallel pytest processes when pytest-xdist is installed.
 # Budgets (seconds): BUDGET_TESTS, BUDGET_CHECK, BUDGET_KERNELS, BUDGET_DECODE, BUDGET_E2E, BUDGET_DISTRIBUTED,
 # BUDGET_PROBES.
 set -uo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 QUICK=""
 ONLY="tests,check,kernels,decode,e2e"
@@ -104,8 +105,13 @@ run_stage() {  # name, command...
 if want tests; then
     PYTEST_TIMEOUT_ARG=""
     python -c "import pytest_timeout" >/dev/null 2>&1 && PYTEST_TIMEOUT_ARG="--timeout=200"
+    # On a fresh machine the suite is compile-bound (Triton builds each kernel variant on the CPU: ~8 s per test,
+    # 37 tests in 293 s in the fifth session), so it runs in PYTEST_WORKERS processes (pytest-xdist, on the GPU
+    # image) sharing the one GPU and Triton's on-disk cache.
+    PYTEST_XDIST_ARG=""
+    python -c "import xdist" >/dev/null 2>&1 && [ "${PYTEST_WORKERS:-8}" -gt 1 ] && PYTEST_XDIST_ARG="-n ${PYTEST_WORKERS:-8}"
     # shellcheck disable=SC2086
-    run_stage tests python -m pytest -q -p no:cacheprovider --durations=15 $PYTEST_TIMEOUT_ARG \
+    run_stage tests python -m pytest -q -p no:cacheprovider --durations=15 $PYTEST_TIMEOUT_ARG $PYTEST_XDIST_ARG \
         --junitxml="$OUT_DIR/logs/pytest.xml" ${PYTEST_ARGS:-tests}
 fi
 want check && run_stage check python -m hf_flash check --device cuda
