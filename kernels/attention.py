@@ -72,6 +72,70 @@ def _tma_tile(D, b, head, seq_start, start, ROWS: tl.constexpr, BLOCK_D: tl.cons
 
 
 @triton.jit
+def _fwd_block(acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
+               offs_m, offs_d, d_ok, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right,
+               seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """One key block of the forward's online softmax: returns the updated (acc, m_i, l_i)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_mask = (offs_n < seqlen_k)[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    if BIAS_TYPE != 0:
+        b_mask = (offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
+        b_ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
+    else:
+        bias = 0.0
+        live = True
+    if live:
+        if TMA:
+            k = _tma_tile(KD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
+        elif HEAD_DIM == BLOCK_D and not MASKED:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = mma(q, tl.trans(k), None, DOT_PREC)
+        if not MASKED and not HAS_SOFTCAP and not HAS_ALIBI and BIAS_TYPE == 0:
+            # a block every row sees in full, plain scores: all finite, so the running max is finite after
+            # it, and the scale folds into one multiply-add per score (exp2(qk * c - m))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            p = tl.exp2(qk * scale_log2 - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+        else:
+            s2, _ = score_mod(qk, offs_m[:, None], offs_n[None, :], shift, seqlen_k, scale_log2, softcap, slope,
+                              bias, window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, MASKED,
+                              WINDOWED)
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            # rows that have seen only -inf so far keep a finite reference so exp2 gives 0, not NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s2 - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        if TMA:
+            v = _tma_tile(VD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
+            if MASKED:
+                # rows past this sequence's keys (the next sequence's, in a varlen batch) weigh 0; zero them
+                # so that a non-finite value there cannot leak in as 0 * inf
+                v = tl.where((offs_n < seqlen_k)[:, None], v, 0.0)
+        elif HEAD_DIM == BLOCK_D and not MASKED:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = mma(p.to(v.dtype), v, acc, DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
                offs_m, offs_d, n_lo, n_hi, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope,
                window_left, window_right, seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start,
@@ -80,60 +144,22 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base
                HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
                DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr, IS_VARLEN: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    for start_n in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_mask = (offs_n < seqlen_k)[:, None] & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        if BIAS_TYPE != 0:
-            b_mask = (offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
-            b_ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
-        else:
-            bias = 0.0
-            live = True
-        if live:
-            if TMA:
-                k = _tma_tile(KD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
-            elif EVEN_D and not MASKED:
-                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
-            else:
-                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = mma(q, tl.trans(k), None, DOT_PREC)
-            if not MASKED and not HAS_SOFTCAP and not HAS_ALIBI and BIAS_TYPE == 0:
-                # a block every row sees in full, plain scores: all finite, so the running max is finite after
-                # it, and the scale folds into one multiply-add per score (exp2(qk * c - m))
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-                p = tl.exp2(qk * scale_log2 - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-            else:
-                s2, _ = score_mod(qk, offs_m[:, None], offs_n[None, :], shift, seqlen_k, scale_log2, softcap, slope,
-                                  bias, window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, MASKED,
-                                  WINDOWED)
-                m_new = tl.maximum(m_i, tl.max(s2, 1))
-                # rows that have seen only -inf so far keep a finite reference so exp2 gives 0, not NaN
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s2 - m_ref[:, None])
-                alpha = tl.exp2(m_i - m_ref)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-                p = tl.where(keep, p, 0.0)
-            if TMA:
-                v = _tma_tile(VD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
-                if MASKED:
-                    # rows past this sequence's keys (the next sequence's, in a varlen batch) weigh 0; zero them
-                    # so that a non-finite value there cannot leak in as 0 * inf
-                    v = tl.where((offs_n < seqlen_k)[:, None], v, 0.0)
-            elif EVEN_D and not MASKED:
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
-            else:
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = mma(p.to(v.dtype), v, acc, DOT_PREC)
-            m_i = m_new
+    if WARP_SPEC:
+        # tl.range's warp_specialize exists from triton 3.4 on: only this opt-in path names it (triton >= 3.2
+        # is supported), the plain loop below compiles everywhere
+        for start_n in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=True):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
+                offs_m, offs_d, d_ok, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right,
+                seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP,
+                HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, MASKED, WINDOWED, DOT_PREC, TMA, IS_VARLEN)
+    else:
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
+                offs_m, offs_d, d_ok, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right,
+                seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP,
+                HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, MASKED, WINDOWED, DOT_PREC, TMA, IS_VARLEN)
     return acc, m_i, l_i
 
 
@@ -251,8 +277,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                     DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     # Tiles are key-major here: rows are keys (offs_n), columns are queries (offs_m).
     d_ok = offs_d < HEAD_DIM
-    # blocks that every key sees in full hold only rows < seqlen_q: their loads need no mask
-    PLAIN: tl.constexpr = not MASKED and HEAD_DIM == BLOCK_D
+    # blocks that every key sees in full hold only rows < seqlen_q: their loads need no mask (when the head dim
+    # fills the tile too)
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen_q
@@ -274,7 +300,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                 if MASKED:  # rows past this sequence (the next one's, in a varlen batch) count as zeros
                     q = tl.where(m_ok[:, None], q, 0.0)
                     do = tl.where(m_ok[:, None], do, 0.0)
-            elif PLAIN:
+            elif not MASKED and HEAD_DIM == BLOCK_D:
                 q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :])
                 do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :])
             else:
@@ -307,7 +333,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             if FUSE_DQ:
                 # this key block's share of dQ, added into the float32 accumulator (FlashAttention-2's atomic dQ)
                 dq_part = mma(tl.trans(ds_t.to(k.dtype)), k, None, DOT_PREC) * sm_scale
-                if PLAIN:
+                if not MASKED and HEAD_DIM == BLOCK_D:
                     tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq_part, sem="relaxed")
                 else:
                     tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq_part,
