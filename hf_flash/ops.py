@@ -68,45 +68,40 @@ def _setup_context(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
-def _backward(ctx, dout, dlse):
+def _grads(ctx, dout, bwd):
+    """Input gradients from ``bwd`` (the custom op ``attn_bwd`` or the kernels' backward) on what
+    :func:`_setup_context` saved: dq, dk, dv, and dbias where the bias needs it."""
     q, k, v, out, lse, cu_q, cu_k, bias, alibi, rng = ctx.saved_tensors
     max_q, max_k, dropout_p, scale, left, right, softcap = ctx.args
-    dq, dk, dv, dbias = attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, bias, alibi, rng, dropout_p,
-                                 scale, left, right, softcap, ctx.deterministic, ctx.bias_needs_grad)
+    dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, bias, alibi, rng, dropout_p, scale,
+                            left, right, softcap, ctx.deterministic, ctx.bias_needs_grad)
     return (dq, dk, dv, None, None, None, None, dbias if ctx.bias_needs_grad else None, None, None, None, None,
             None, None, None, None)
+
+
+def _backward(ctx, dout, dlse):
+    return _grads(ctx, dout, attn_bwd)
 
 
 torch.library.register_autograd("hf_flash::attn_fwd", _backward, setup_context=_setup_context)
 
 
 class _Attention(torch.autograd.Function):
-    """The eager path: the same kernels and the same saved tensors as the custom op's autograd, without the
-    custom op's per-call dispatch (schema defaults, redispatch through the autograd key), which measured
-    ~250 us per forward + backward on the CPU here (~260 us in all this way against ~550 us through the op):
-    host time a small training step (GPT-2's 1k-token layers) pays per layer."""
+    """The eager path: the same kernels and the same saved state as the custom op's autograd, without the
+    custom op's per-call dispatch (schema defaults, redispatch through the autograd key): host time per forward +
+    backward about 240 us against 600 us through the op on the CI CPU (benchmarks/probe_host_train.py), which a
+    small training step (GPT-2's 1k-token layers) pays per layer."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, bias, alibi, rng, dropout_p, scale, left, right, softcap,
-                deterministic):
-        out, lse = _kern.forward(q, k, v, cu_q, cu_k, max_q, max_k, bias, alibi, rng, dropout_p, scale, left, right,
-                                 softcap)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, alibi, rng)
-        ctx.args = (max_q, max_k, dropout_p, scale, left, right, softcap)
-        ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[7]
-        ctx.deterministic = deterministic
+    def forward(ctx, *inputs):
+        out, lse = _kern.forward(*inputs[:-1])  # the last input, deterministic, only shapes the backward
+        _setup_context(ctx, inputs, (out, lse))
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_q, cu_k, bias, alibi, rng = ctx.saved_tensors
-        max_q, max_k, dropout_p, scale, left, right, softcap = ctx.args
-        dq, dk, dv, dbias = _kern.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, bias, alibi, rng,
-                                           dropout_p, scale, left, right, softcap, ctx.deterministic,
-                                           ctx.bias_needs_grad)
-        return (dq, dk, dv, None, None, None, None, dbias if ctx.bias_needs_grad else None, None, None, None, None,
-                None, None, None, None)
+        return _grads(ctx, dout, _kern.backward)
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes, rng, dropout_p,

@@ -122,15 +122,23 @@ def head_params(Alibi, Rng, b, h, stride_ab, HAS_ALIBI: tl.constexpr, HAS_DROPOU
 
 
 @triton.jit
-def load_bias_tile(ptrs, mask, BIAS_TYPE: tl.constexpr):
-    """A tile of the attention bias (float, or bool with True = attend) and whether any entry of it lets
-    attention through: tiles the bias masks entirely are skipped by the callers."""
-    if BIAS_TYPE == 1:
-        bias = tl.load(ptrs, mask=mask, other=float("-inf"))
-        live = tl.max(tl.max(bias.to(tl.float32), 1), 0) > float("-inf")
+def load_bias_tile(bias_base, rows, cols, seqlen_q, seqlen_k, stride_bm, stride_bn,
+                   BIAS_TYPE: tl.constexpr):
+    """The attention bias (float, or bool with True = attend) at query positions ``rows`` and key positions
+    ``cols`` (broadcastable index tiles, either orientation), and whether any entry of it lets attention
+    through: tiles the bias masks entirely are skipped by the callers. Without a bias: (0.0, True)."""
+    if BIAS_TYPE == 0:
+        bias = 0.0
+        live = True
     else:
-        bias = tl.load(ptrs, mask=mask, other=0) != 0
-        live = tl.max(tl.max(bias.to(tl.int32), 1), 0) > 0
+        ptrs = bias_base + rows * stride_bm + cols * stride_bn
+        mask = (rows < seqlen_q) & (cols < seqlen_k)
+        if BIAS_TYPE == 1:
+            bias = tl.load(ptrs, mask=mask, other=float("-inf"))
+            live = tl.max(tl.max(bias.to(tl.float32), 1), 0) > float("-inf")
+        else:
+            bias = tl.load(ptrs, mask=mask, other=0) != 0
+            live = tl.max(tl.max(bias.to(tl.int32), 1), 0) > 0
     return bias, live
 
 

@@ -85,13 +85,8 @@ def _fwd_block(acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, 
         kv_mask = (offs_n < seqlen_k)[:, None] & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
-    if BIAS_TYPE != 0:
-        b_mask = (offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
-        b_ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
-    else:
-        bias = 0.0
-        live = True
+    bias, live = load_bias_tile(bias_base, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, stride_bm,
+                                stride_bn, BIAS_TYPE)
     if live:
         if TMA:
             k = _tma_tile(KD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
@@ -286,13 +281,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             q_mask = m_ok[:, None] & d_ok[None, :]
         else:
             q_mask = d_ok[None, :]
-        if BIAS_TYPE != 0:
-            b_mask = (offs_n < seqlen_k)[:, None] & m_ok[None, :]
-            b_ptrs = bias_base + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn
-            bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
-        else:
-            bias = 0.0
-            live = True
+        bias, live = load_bias_tile(bias_base, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, stride_bm,
+                                    stride_bn, BIAS_TYPE)
         if live:
             if TMA:
                 q = _tma_tile(QD, b, h, q_start, start_m, BLOCK_M, BLOCK_D, IS_VARLEN)
@@ -441,12 +431,8 @@ def _bwd_dq_inner(dq, dbias_acc, q, do, lse2, delta, k_base, v_base, stride_kn, 
         else:
             kv_mask = d_ok[None, :]
         b_mask = (offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
-        if BIAS_TYPE != 0:
-            b_ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            bias, live = load_bias_tile(b_ptrs, b_mask, BIAS_TYPE)
-        else:
-            bias = 0.0
-            live = True
+        bias, live = load_bias_tile(bias_base, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, stride_bm,
+                                    stride_bn, BIAS_TYPE)
         if live:
             if not MASKED and HEAD_DIM == BLOCK_D:  # whole key blocks: no mask needed
                 k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
