@@ -75,19 +75,37 @@ def tanh_f32(x):
 
 
 @triton.jit
-def dropout_keep(seed, offset, bh, rows, cols, dropout_p):
-    """Keep-mask (True = keep) for attention entries (rows, cols) of head-batch index ``bh``.
+def _keep16(r, thr):
+    # the two 16-bit halves of a Philox word against the threshold, as int8 keep flags stacked on a new last axis
+    return tl.join(((r & 0xFFFF) >= thr).to(tl.int8), ((r >> 16) >= thr).to(tl.int8))
 
-    Philox is keyed on the seed and counts (col, row, bh, offset): every entry has its own counter, so the
-    forward, the backward and the debug mask kernel draw the same bits whatever their tiling.
+
+@triton.jit
+def dropout_keep(seed, offset, bh, rows, col_start, dropout_p, BLOCK_N: tl.constexpr):
+    """Keep-mask (True = keep), shape (len(rows), BLOCK_N), for the attention entries (rows, col_start + j) of
+    head-batch index ``bh``; ``col_start`` is a multiple of 8.
+
+    One Philox4x32-7 call serves 8 neighbouring columns of a row: it is keyed on the seed and counts
+    (col // 8, row, bh, offset), and each of its four 32-bit words gives two 16-bit uniforms, compared with
+    round(dropout_p * 65536). So every entry draws the same bits whatever the tiling of the kernel that asks (the
+    forward, the backward and the debug mask kernel agree), and the generator costs an eighth of a call of
+    Philox per entry (the 10-round, one-word-per-entry draw this replaces made the forward 4.7x slower with
+    dropout than without, on an H200 at GPT-2's shapes). As in flash-attn, which compares 8-bit values, the keep
+    probability is 1 - dropout_p up to the threshold's resolution (here 2**-16) while the kept values are
+    scaled by exactly 1 / (1 - dropout_p). Seven rounds is the smallest Philox4x32 that passes BigCrush
+    (Salmon et al., 2011, "Parallel random numbers: as easy as 1, 2, 3"), and what flash-attn runs.
     """
-    zero = (rows * 0 + cols * 0).to(tl.uint32)
-    c0 = (cols + rows * 0).to(tl.uint32)
-    c1 = (rows + cols * 0).to(tl.uint32)
+    groups = (col_start // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)
+    zero = (rows[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)
+    c0 = zero + groups[None, :]
+    c1 = zero + rows[:, None].to(tl.uint32)
     c2 = zero + bh.to(tl.uint32)
     c3 = zero + offset.to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    thr = (tl.full([], 0.5, tl.float32) + dropout_p * 65536.0).to(tl.uint32)
+    # (rows, groups, half, word // 2, word % 2): column = 8 * group + 4 * half + word after the reshape
+    flags = tl.join(tl.join(_keep16(r0, thr), _keep16(r2, thr)), tl.join(_keep16(r1, thr), _keep16(r3, thr)))
+    return tl.reshape(flags, (rows.shape[0], BLOCK_N)) != 0
 
 
 @triton.jit

@@ -49,8 +49,7 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_tma": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0,
-            "bwd_dq": 0, "bwd_dbias": 0}
+launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0, "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,26 +58,13 @@ launches = {"fwd": 0, "fwd_tma": 0, "bwd_dkdv": 0, "bwd_dkdv_tma": 0, "bwd_dkdv_
 
 
 @triton.jit
-def _tma_tile(D, b, head, seq_start, start, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """A (ROWS, BLOCK_D) tile (rows start.. of sequence b, one head) through a tensor descriptor (Hopper's bulk
-    tensor copy): dense (batch, seqlen, heads, dim) with block (1, ROWS, 1, BLOCK_D), or varlen (total, heads,
-    dim) with block (ROWS, 1, BLOCK_D) and the sequence starting at row seq_start. Rows past the tensor and the
-    head-dim padding come back as zeros."""
-    if IS_VARLEN:
-        t = D.load([seq_start + start, head, 0])
-    else:
-        t = D.load([b, start, head, 0])
-    return t.reshape(ROWS, BLOCK_D)
-
-
-@triton.jit
 def _fwd_block(acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
                offs_m, offs_d, d_ok, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right,
-               seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start,
+               seed, rng_offset, bh, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
-               DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+               DOT_PREC: tl.constexpr):
     """One key block of the forward's online softmax: returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -88,9 +74,7 @@ def _fwd_block(acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, 
     bias, live = load_bias_tile(bias_base, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, stride_bm,
                                 stride_bn, BIAS_TYPE)
     if live:
-        if TMA:
-            k = _tma_tile(KD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
-        elif HEAD_DIM == BLOCK_D and not MASKED:
+        if HEAD_DIM == BLOCK_D and not MASKED:
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
         else:
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -113,15 +97,9 @@ def _fwd_block(acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
             p = tl.where(keep, p, 0.0)
-        if TMA:
-            v = _tma_tile(VD, b, hk, k_start, start_n, BLOCK_N, BLOCK_D, IS_VARLEN)
-            if MASKED:
-                # rows past this sequence's keys (the next sequence's, in a varlen batch) weigh 0; zero them
-                # so that a non-finite value there cannot leak in as 0 * inf
-                v = tl.where((offs_n < seqlen_k)[:, None], v, 0.0)
-        elif HEAD_DIM == BLOCK_D and not MASKED:
+        if HEAD_DIM == BLOCK_D and not MASKED:
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
         else:
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -133,33 +111,23 @@ def _fwd_block(acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
                offs_m, offs_d, n_lo, n_hi, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope,
-               window_left, window_right, seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start,
+               window_left, window_right, seed, rng_offset, bh, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
-               DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr, IS_VARLEN: tl.constexpr):
+               DOT_PREC: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
-    if WARP_SPEC:
-        # tl.range's warp_specialize exists from triton 3.4 on: only this opt-in path names it (triton >= 3.2
-        # is supported), the plain loop below compiles everywhere
-        for start_n in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=True):
-            acc, m_i, l_i = _fwd_block(
-                acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
-                offs_m, offs_d, d_ok, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right,
-                seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP,
-                HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, MASKED, WINDOWED, DOT_PREC, TMA, IS_VARLEN)
-    else:
-        for start_n in range(n_lo, n_hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(
-                acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
-                offs_m, offs_d, d_ok, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right,
-                seed, rng_offset, bh, dropout_p, KD, VD, b, hk, k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP,
-                HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, MASKED, WINDOWED, DOT_PREC, TMA, IS_VARLEN)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, start_n, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm, stride_bn,
+            offs_m, offs_d, d_ok, seqlen_q, seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right,
+            seed, rng_offset, bh, dropout_p, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE,
+            HAS_DROPOUT, MASKED, WINDOWED, DOT_PREC)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK, KD, VD,
+def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                 stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
                 stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
@@ -167,8 +135,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK, KD, VD,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 IS_VARLEN: tl.constexpr, WINDOWED: tl.constexpr, REVERSE_M: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr = False,
-                WARP_SPEC: tl.constexpr = False):
+                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:
         # causal: the longest rows first, so the tail of the grid is short work
@@ -203,20 +170,20 @@ def _fwd_kernel(Q, K, V, O, LSE, Bias, Alibi, Rng, CuQ, CuK, KD, VD,
     # masked blocks before the fully visible ones (window's left edge)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm,
                                stride_bn, offs_m, offs_d, lo, full_lo, seqlen_q, seqlen_k, shift, scale_log2, softcap,
-                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, KD, VD, b, hk,
-                               k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT,
-                               True, WINDOWED, DOT_PREC, TMA, WARP_SPEC, IS_VARLEN)
+                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, HEAD_DIM,
+                               BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
+                               DOT_PREC)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm,
                                stride_bn, offs_m, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, shift, scale_log2,
                                softcap, slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p,
-                               KD, VD, b, hk, k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI,
-                               BIAS_TYPE, HAS_DROPOUT, False, WINDOWED, DOT_PREC, TMA, WARP_SPEC, IS_VARLEN)
+                               HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, False,
+                               WINDOWED, DOT_PREC)
     # masked blocks after them (diagonal of a causal mask, window's right edge, ragged end of the keys)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bm,
                                stride_bn, offs_m, offs_d, full_hi, hi, seqlen_q, seqlen_k, shift, scale_log2, softcap,
-                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, KD, VD, b, hk,
-                               k_start, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT,
-                               True, WINDOWED, DOT_PREC, TMA, WARP_SPEC, IS_VARLEN)
+                               slope, window_left, window_right, seed, rng_offset, pid_bh, dropout_p, HEAD_DIM,
+                               BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
+                               DOT_PREC)
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     if HAS_DROPOUT:
@@ -265,11 +232,11 @@ def _bwd_preprocess(O, DO, Delta, CuQ, stride_ob, stride_om, stride_oh, stride_d
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base,
                     stride_bm, stride_bn, offs_n, offs_d, m_lo, m_hi, seqlen_q, seqlen_k, shift, scale_log2, softcap,
                     slope, window_left, window_right, seed, rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale,
-                    QD, DOD, b, h, q_start,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    n_start, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
-                    DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+                    DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
     # Tiles are key-major here: rows are keys (offs_n), columns are queries (offs_m).
     d_ok = offs_d < HEAD_DIM
     # blocks that every key sees in full hold only rows < seqlen_q: their loads need no mask (when the head dim
@@ -284,13 +251,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         bias, live = load_bias_tile(bias_base, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, stride_bm,
                                     stride_bn, BIAS_TYPE)
         if live:
-            if TMA:
-                q = _tma_tile(QD, b, h, q_start, start_m, BLOCK_M, BLOCK_D, IS_VARLEN)
-                do = _tma_tile(DOD, b, h, q_start, start_m, BLOCK_M, BLOCK_D, IS_VARLEN)
-                if MASKED:  # rows past this sequence (the next one's, in a varlen batch) count as zeros
-                    q = tl.where(m_ok[:, None], q, 0.0)
-                    do = tl.where(m_ok[:, None], do, 0.0)
-            elif not MASKED and HEAD_DIM == BLOCK_D:
+            if not MASKED and HEAD_DIM == BLOCK_D:
                 q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :])
                 do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :])
             else:
@@ -309,7 +270,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             p_t = tl.exp2(s2 - lse2[None, :])
             dp_t = mma(v, tl.trans(do), None, DOT_PREC)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+                keep = tl.trans(dropout_keep(seed, rng_offset, bh, offs_m, n_start, dropout_p, BLOCK_N))
                 inv_keep = 1.0 / (1.0 - dropout_p)
                 pd_t = tl.where(keep, p_t * inv_keep, 0.0)
                 dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
@@ -332,7 +293,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ, CuK, QD, DOD,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ, CuK,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                      stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
                      stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
@@ -342,7 +303,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      IS_VARLEN: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, BIAS_TYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr = False):
+                     DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
     # gsplit > 1: the GQA group's query heads are shared out over gsplit programs per (key block, KV head); each
     # writes its partial dK/dV (float32) at DK/DV + split * stride_dks/dvs, summed afterwards on the host side
     pid_n = tl.program_id(0)
@@ -391,21 +352,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, Bias, Alibi, Rng, CuQ,
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k,
                                  shift, scale_log2, softcap, slope, window_left, window_right, seed, rng_offset, bh,
-                                 dropout_p, dq_base, stride_dqm, sm_scale, QD, DOD, b, h, q_start, HEAD_DIM,
-                                 BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
-                                 DOT_PREC, FUSE_DQ, TMA, IS_VARLEN)
+                                 dropout_p, dq_base, stride_dqm, sm_scale, n_start, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
+                                 DOT_PREC, FUSE_DQ)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, full_lo, full_hi, seqlen_q,
                                  seqlen_k, shift, scale_log2, softcap, slope, window_left, window_right, seed,
-                                 rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale, QD, DOD, b, h, q_start,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, False,
-                                 WINDOWED, DOT_PREC, FUSE_DQ, TMA, IS_VARLEN)
+                                 rng_offset, bh, dropout_p, dq_base, stride_dqm, sm_scale, n_start, HEAD_DIM,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, False,
+                                 WINDOWED, DOT_PREC, FUSE_DQ)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                                  bias_base, stride_bm, stride_bn, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k,
                                  shift, scale_log2, softcap, slope, window_left, window_right, seed, rng_offset, bh,
-                                 dropout_p, dq_base, stride_dqm, sm_scale, QD, DOD, b, h, q_start, HEAD_DIM,
-                                 BLOCK_M, BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
-                                 DOT_PREC, FUSE_DQ, TMA, IS_VARLEN)
+                                 dropout_p, dq_base, stride_dqm, sm_scale, n_start, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, HAS_SOFTCAP, HAS_ALIBI, BIAS_TYPE, HAS_DROPOUT, True, WINDOWED,
+                                 DOT_PREC, FUSE_DQ)
     dk = dk * sm_scale
     gs64 = gs.to(tl.int64)
     tl.store(DK + gs64 * stride_dks + b64 * stride_dkb + k_row * stride_dkn + hk * stride_dkh + offs_d[None, :],
@@ -446,7 +407,7 @@ def _bwd_dq_inner(dq, dbias_acc, q, do, lse2, delta, k_base, v_base, stride_kn, 
             p = tl.exp2(s2 - lse2[:, None])
             dp = mma(do, tl.trans(v), None, DOT_PREC)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+                keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
             if DBIAS_MODE == 1:
@@ -605,7 +566,7 @@ def _dropout_mask_kernel(Out, Rng, stride_ob, stride_oh, stride_om, nheads, seql
     h = pid_bh % nheads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(tl.load(Rng), tl.load(Rng + 1), pid_bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    keep = dropout_keep(tl.load(Rng), tl.load(Rng + 1), pid_bh, offs_m, pid_n * BLOCK_N, dropout_p, BLOCK_N)
     mask = (offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :]
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_n[None, :],
              keep.to(tl.int8), mask=mask)
@@ -678,51 +639,6 @@ def gqa_split(batch: int, nheads_k: int, group: int, n_blocks_k: int, device: to
     return s
 
 
-def fwd_tma_mode() -> str:
-    """``HF_FLASH_FWD_TMA``: ``1`` loads the forward's K/V tiles through tensor descriptors (Hopper's bulk tensor
-    copy engine, TMA), ``ws`` also asks Triton to warp-specialise the key loop (producer warps for the copies,
-    consumer warps for the math); ``0`` (default) plain pointer loads. Tested on the interpreter and compiled for
-    sm_90 here; not yet measured on the GPU, hence off. Taken only where the layout allows (see
-    :func:`_descriptors`); elsewhere the pointer path runs."""
-    mode = os.environ.get("HF_FLASH_FWD_TMA", "0").strip().lower()
-    if mode in ("", "0"):
-        return ""
-    if mode not in ("1", "ws"):
-        raise ValueError(f"HF_FLASH_FWD_TMA={mode!r}: accepted values are 0, 1 and ws")
-    return mode
-
-
-def bwd_tma_enabled() -> bool:
-    """``HF_FLASH_BWD_TMA=1``: the dK/dV kernel loads its Q and dO tiles through tensor descriptors (TMA) instead
-    of pointer tensors, which also frees the registers that hold a tile's addresses. Tested on the interpreter
-    and compiled for sm_90 here; not yet measured on the GPU, hence off."""
-    mode = os.environ.get("HF_FLASH_BWD_TMA", "0").strip()
-    if mode not in ("", "0", "1"):
-        raise ValueError(f"HF_FLASH_BWD_TMA={mode!r}: accepted values are 0 and 1")
-    return mode == "1"
-
-
-def _descriptors(tensors, block_rows: int, block_d: int, varlen: bool):
-    """Host tensor descriptors of (ROWS, BLOCK_D) tiles for each tensor, or None where TMA cannot take them: not a
-    Hopper-or-newer GPU (the CPU interpreter emulates them), a base address or a non-last stride not a multiple
-    of 16 bytes, a last stride other than 1."""
-    k = tensors[0]
-    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
-        return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
-        return None
-    descs = []
-    for t in tensors:
-        item = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * item) % 16 for st in t.stride()[:-1]):
-            return None
-        block = [block_rows, 1, block_d] if varlen else [1, block_rows, 1, block_d]
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block))
-    return tuple(descs)
-
-
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.bfloat16 and device.type == "cpu":
         return "interp-bf16"
@@ -778,14 +694,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     left, right, windowed = _window_args(window_left, window_right)
     bias_t, bias_type, bias_strides = _bias_args(bias)
     alibi_t, stride_ab = _alibi_args(alibi_slopes, q)
-    cfg = configs.fwd_config(head_dim, q.dtype, q.device, max_seqlen_q, max_seqlen_k)
+    cfg = configs.fwd_config(head_dim, q.dtype, q.device, max_seqlen_q, max_seqlen_k, batch * nheads)
     grid = (cdiv(max_seqlen_q, cfg.block_m), batch * nheads)
-    block_d = configs.padded_head_dim(head_dim)
-    mode = fwd_tma_mode()
-    descs = _descriptors((k, v), cfg.block_n, block_d, varlen) if mode else None
     _fwd_kernel[grid](
         q, k, v, out, lse, _or(bias_t, lse), _or(alibi_t, lse), _or(rng, lse), _or(cu_seqlens_q, lse),
-        _or(cu_seqlens_k, lse), *(descs or (lse, lse)),
+        _or(cu_seqlens_k, lse),
         *_Layout(q, varlen).strides(), *_Layout(k, varlen).strides(), *_Layout(v, varlen).strides(),
         *_Layout(out, varlen).strides(), *_lse_strides(lse, varlen), *bias_strides, stride_ab,
         nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, _scale_arg(softmax_scale, softcap), softcap,
@@ -794,12 +707,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
         IS_VARLEN=varlen, WINDOWED=windowed, REVERSE_M=windowed and right == 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_TYPE=bias_type,
         HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype, q.device),
-        TMA=descs is not None, WARP_SPEC=descs is not None and mode == "ws",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launches["fwd"] += 1
-    if descs is not None:
-        launches["fwd_tma"] += 1
     return out, lse
 
 
@@ -873,16 +783,13 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         dq_strides = _Layout(dq_acc, varlen).strides()
     else:
         dq_acc, dq_strides = lse, (0, 0, 0)
-    descs = _descriptors((q, dout), cfg.block_m, block_d, varlen) if bwd_tma_enabled() else None
     _bwd_dkdv_kernel[(n_blocks_k, batch * nheads_k * gsplit)](
-        q, k, v, dout, lse, delta, dk_out, dv_out, dq_acc, bias_t, alibi_t, rng, cu_q, cu_k, *(descs or (lse, lse)),
+        q, k, v, dout, lse, delta, dk_out, dv_out, dq_acc, bias_t, alibi_t, rng, cu_q, cu_k,
         *ql, *kl, *vl, *dol, *dk_layout, *dv_layout, *lse_strides,
         *bias_strides, stride_ab, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, scale_arg, softmax_scale,
-        softcap, dropout_p, left, right, gsplit, *split_strides, *dq_strides, FUSE_DQ=fuse_dq, TMA=descs is not None,
+        softcap, dropout_p, left, right, gsplit, *split_strides, *dq_strides, FUSE_DQ=fuse_dq,
         **common)
     launches["bwd_dkdv"] += 1
-    if descs is not None:
-        launches["bwd_dkdv_tma"] += 1
     dk, dv = dk_out, dv_out
     if gsplit > 1:
         dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)

@@ -234,48 +234,22 @@ def test_eager_function_and_custom_op_give_the_same_results(monkeypatch):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("mode", ["1", "ws"])
-def test_forward_through_tensor_descriptors(mode, monkeypatch):
-    """HF_FLASH_FWD_TMA: the forward loads K/V tiles through tensor descriptors (zero-filled past the keys and in
-    the head-dim padding) and matches the reference: GQA, causal with seqlen_q > seqlen_k, head dim 80, a sliding
-    window, forward + backward. A layout the descriptors cannot take (a row stride that is not a multiple of 16
-    bytes) runs the pointer path; an unknown value is a clear error."""
-    monkeypatch.setenv("HF_FLASH_FWD_TMA", mode)
-    b, sq, sk, d = SHAPES[2]
-    q, k, v = make_qkv(b, sq, sk, 4, 2, d, torch.bfloat16, seed=3)
-    before = kern.launches["fwd_tma"]
-    compare_with_reference(q, k, v, causal=True)
-    assert kern.launches["fwd_tma"] > before
-    mid = kern.launches["fwd_tma"]
-    compare_with_reference(q, k, v, window_size=(9, 3))
-    assert kern.launches["fwd_tma"] > mid
-    q, k, v = make_qkv(1, 33, 40, 2, 1, 36, torch.bfloat16, seed=4)  # 72-byte rows
-    after = kern.launches["fwd_tma"]
-    compare_with_reference(q, k, v, causal=True)
-    assert kern.launches["fwd_tma"] == after
-    monkeypatch.setenv("HF_FLASH_FWD_TMA", "yes")
-    with pytest.raises(ValueError, match="HF_FLASH_FWD_TMA"):
-        flash_attn_func(q, k, v)
+def test_forward_tiles_follow_the_grid_not_the_token_count(monkeypatch):
+    """The GPU forward's tiles for 16-bit head dim 128 follow the grid's size in waves over the SMs (64 x 64 for a
+    small grid, 128 x 128 for a large one); the key length never enters, so a decode loop whose cache grows by
+    one token keeps its compiled kernel, and float32 keeps its narrower key tile."""
+    from hf_flash.kernels import configs
 
-
-@pytest.mark.parametrize("fused", ["default", "0"])
-def test_backward_through_tensor_descriptors(fused, monkeypatch):
-    """HF_FLASH_BWD_TMA=1: the dK/dV kernel loads Q and dO tiles through tensor descriptors; gradients match the
-    reference (GQA, causal with seqlen_q > seqlen_k, head dim 80, a sliding window with softcap), with the fused
-    dQ and with the separate dQ kernel; an unknown value is a clear error."""
-    monkeypatch.setenv("HF_FLASH_BWD_TMA", "1")
-    if fused == "0":
-        monkeypatch.setenv("HF_FLASH_BWD_FUSED_DQ", "0")
-    b, sq, sk, d = SHAPES[2]
-    q, k, v = make_qkv(b, sq, sk, 4, 2, d, torch.bfloat16, seed=13)
-    before = kern.launches["bwd_dkdv_tma"]
-    compare_with_reference(q, k, v, causal=True)
-    compare_with_reference(q, k, v, window_size=(11, 2), softcap=5.0)
-    assert kern.launches["bwd_dkdv_tma"] == before + 2
-    monkeypatch.setenv("HF_FLASH_BWD_TMA", "on")
-    out = flash_attn_func(q, k, v)
-    with pytest.raises(ValueError, match="HF_FLASH_BWD_TMA"):
-        out.sum().backward()
+    monkeypatch.delenv("HF_FLASH_FWD_CONFIG", raising=False)
+    monkeypatch.setattr(configs, "num_sms", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    pick = lambda bh, sq, sk=4096, dt=torch.bfloat16: configs.fwd_config(128, dt, gpu, sq, sk, bh)  # noqa: E731
+    assert pick(32, 4096) == configs.Config(64, 64, 4, 3)  # batch-1 Llama-3-8B layer at 4k: 8 waves
+    assert pick(32, 16384) == configs.Config(128, 64, 8, 3)  # 31 waves
+    assert pick(32, 32768) == configs.Config(128, 128, 8, 3)  # 62 waves
+    assert len({pick(32, 4096, sk) for sk in range(4096, 4200)}) == 1
+    assert pick(32, 32768, dt=torch.float32).block_n == 32
+    assert configs.fwd_config(128, torch.bfloat16, torch.device("cpu"), 32768, 32768, 32).block_m == 32
 
 
 @pytest.mark.gpu

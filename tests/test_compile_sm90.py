@@ -25,8 +25,6 @@ def _types(name, bias_type):
         return "*i64"
     if name in ("CuQ", "CuK"):
         return "*i32"
-    if name in ("KD", "VD", "QD", "DOD"):
-        return "*fp32"  # placeholders when the forward loads K/V through pointers
     if name in ("scale_log2", "sm_scale", "softcap", "dropout_p"):
         return "fp32"
     return "i32"
@@ -44,31 +42,21 @@ def compile_all(features):
 
     from hf_flash.kernels import attention as A
 
-    def build(fn, consts, types=None):
+    def build(fn, consts):
         sig, cx = {}, {}
         for i, n in enumerate(fn.arg_names):
             if n in consts:
                 sig[n], cx[(i,)] = "constexpr", consts[n]
             else:
-                sig[n] = (types or {}).get(n) or _types(n, consts.get("BIAS_TYPE", 0))
+                sig[n] = _types(n, consts.get("BIAS_TYPE", 0))
         src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs={})
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
 
-    fwd = build(A._fwd_kernel, dict(BASE, BLOCK_M=128, BLOCK_N=64, REVERSE_M=True, TMA=False, WARP_SPEC=False,
-                                    **features))
+    fwd = build(A._fwd_kernel, dict(BASE, BLOCK_M=128, BLOCK_N=64, REVERSE_M=True, **features))
     assert "wgmma.mma_async" in fwd.asm["ptx"], "the forward does not use Hopper's wgmma"
-    if not features:  # K/V through tensor descriptors (HF_FLASH_FWD_TMA=1): the bulk tensor copy engine
-        desc = "tensordesc<bf16[1, 64, 1, 128]>"
-        tma = build(A._fwd_kernel, dict(BASE, BLOCK_M=128, BLOCK_N=64, REVERSE_M=True, TMA=True, WARP_SPEC=False),
-                    types=dict(KD=desc, VD=desc))
-        assert "cp.async.bulk.tensor" in tma.asm["ptx"], "the TMA forward does not use the bulk tensor copy"
     bwd = dict(BASE, BLOCK_M=64, BLOCK_N=128, **features)
-    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=True, TMA=False))  # the default: dQ with atomics
-    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=False, TMA=False))
-    if not features:  # Q/dO through tensor descriptors (HF_FLASH_BWD_TMA=1)
-        desc = "tensordesc<bf16[1, 64, 1, 128]>"
-        tma = build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=True, TMA=True), types=dict(QD=desc, DOD=desc))
-        assert "cp.async.bulk.tensor" in tma.asm["ptx"], "the TMA dK/dV kernel does not use the bulk tensor copy"
+    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=True))  # the default: dQ with atomics
+    build(A._bwd_dkdv_kernel, dict(bwd, FUSE_DQ=False))
     build(A._bwd_dq_kernel, dict(bwd, DBIAS_MODE=2 if features else 0))
     return "compiled fwd, dkdv (fused dq and not), dq for sm_90"
 

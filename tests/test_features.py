@@ -121,6 +121,16 @@ def test_dropout_keep_fraction_and_seeding():
     kept = (s1 > 0).float().mean().item()  # probabilities are > 0 everywhere without a mask
     # binomial: 5 standard deviations
     assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    # one Philox call serves 8 neighbouring columns (two 16-bit draws from each of its 4 words): every one of those
+    # 8 lanes keeps 1 - p on its own, and neighbours are not correlated (a lane mapping that reused bits would
+    # show up as agreement far from the independent rate)
+    keep = s1 > 0
+    lanes = keep.reshape(*keep.shape[:-1], -1, 8).float()
+    for j in range(8):
+        assert abs(lanes[..., j].mean().item() - (1 - p)) < 5 * (p * (1 - p) / (n / 8)) ** 0.5, j
+    agree = (keep[..., 1:] == keep[..., :-1]).float().mean().item()
+    indep = (1 - p) ** 2 + p ** 2
+    assert abs(agree - indep) < 5 * (indep * (1 - indep) / keep[..., 1:].numel()) ** 0.5
     torch.manual_seed(0)
     a = flash_attn_func(q, k, v, dropout_p=p)
     torch.manual_seed(0)
@@ -140,7 +150,11 @@ def test_dropout_checkpoint_replays_the_mask():
     plain = torch.autograd.grad(f(q, k, v), (q, k, v), dout)
     torch.manual_seed(5)
     ckpt = torch.autograd.grad(checkpoint(f, q, k, v, use_reentrant=False), (q, k, v), dout)
-    for a, b in zip(plain, ckpt):
+    # dK and dV are written once per key block: bitwise equal when the recomputed forward drew the same mask. dQ
+    # is summed with float32 atomics on the GPU (the fused backward), whose order varies from run to run: equal
+    # to rounding there, while a different mask would move it by the size of the gradient itself.
+    torch.testing.assert_close(plain[0], ckpt[0], rtol=0, atol=1e-5 * plain[0].abs().max().item())
+    for a, b in zip(plain[1:], ckpt[1:]):
         assert torch.equal(a, b)
 
 
@@ -189,17 +203,6 @@ def test_varlen_matches_padded_reference(causal, window):
     want_lp = torch.autograd.grad(ref_lp, (q, k, v), dout)
     for name, a, b, c in zip(("dq", "dk", "dv"), got, want, want_lp):
         check_close(name, a, b, c, factor=3.0)
-
-
-def test_varlen_forward_through_tensor_descriptors(monkeypatch):
-    """The varlen case above with tiles loaded through tensor descriptors (HF_FLASH_FWD_TMA=1 for K/V in the
-    forward, HF_FLASH_BWD_TMA=1 for Q/dO in the dK/dV kernel): a block that runs past a sequence reads the next
-    sequence's rows, which the masks must keep out."""
-    monkeypatch.setenv("HF_FLASH_FWD_TMA", "1")
-    monkeypatch.setenv("HF_FLASH_BWD_TMA", "1")
-    before = kern.launches["fwd_tma"], kern.launches["bwd_dkdv_tma"]
-    test_varlen_matches_padded_reference(True, (-1, -1))
-    assert kern.launches["fwd_tma"] > before[0] and kern.launches["bwd_dkdv_tma"] > before[1]
 
 
 def test_varlen_two_kernel_dq_backward(monkeypatch):
