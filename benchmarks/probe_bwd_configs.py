@@ -4,7 +4,9 @@ FLASH_ATTENTION and CUDNN_ATTENTION on the same inputs (GPU box, bf16, causal).
 
     python benchmarks/probe_bwd_configs.py [--out FILE] [--shapes gpt2,llama3-4k,llama2-4k] [--fwd-only]
                                            [--bwd-configs 64,64,4,3/32,64,4,3] [--fwd-configs ...]
-                                           [--label TEXT]
+                                           [--envs K=V,K=V/K=V] [--label TEXT]
+
+A config of ``default`` runs the launcher's own choice for the shape.
 
 Each row: the shape, the variant (``HF_FLASH_FWD_CONFIG`` / ``HF_FLASH_BWD_CONFIG`` = BLOCK_M,BLOCK_N,warps,stages),
 the GPU microseconds per forward + backward summed over all kernels, and the five largest kernels.
@@ -62,7 +64,10 @@ def main():
     ap.add_argument("--shapes", default="gpt2,llama3-4k,llama2-4k")
     ap.add_argument("--fwd-only", action="store_true", help="only the forward configs (and SDPA's forward)")
     ap.add_argument("--bwd-configs", default=None, help="a list like 64,64,4,3/32,64,4,3 (default: all)")
-    ap.add_argument("--fwd-configs", default=None, help="a list like 128,64,8,3/64,64,4,3 (default: all)")
+    ap.add_argument("--fwd-configs", default=None,
+                    help="a list like 128,64,8,3/64,64,4,3 or 'default' (the launcher's choice); default: all")
+    ap.add_argument("--envs", default=None,
+                    help="environment variants crossed with the configs, like HF_FLASH_FWD_EXP2_EMU=0/HF_FLASH_FWD_EXP2_EMU=2")
     ap.add_argument("--label", default="", help="appended to each hf_flash row's name (e.g. the env it ran with)")
     a = ap.parse_args()
     F = torch.nn.functional
@@ -89,10 +94,16 @@ def main():
 
             base = {"shape": label, "dropout_p": p}
             bwd = a.bwd_configs.split("/") if a.bwd_configs else BWD[d]
-            variants = [] if a.fwd_only else [(f"bwd {c}", {"HF_FLASH_BWD_CONFIG": c}, True) for c in bwd]
+            # "default" runs the launcher's own choice (no override)
+            variants = [] if a.fwd_only else [(f"bwd {c}", {} if c == "default" else {"HF_FLASH_BWD_CONFIG": c}, True)
+                                              for c in bwd]
             fwd = a.fwd_configs.split("/") if a.fwd_configs else FWD[d]
-            variants += [(f"fwd {c}", {"HF_FLASH_FWD_CONFIG": c}, False) for c in fwd]
-            variants = [(f"{n} {a.label}".strip(), env, b) for n, env, b in variants]
+            variants += [(f"fwd {c}", {} if c == "default" else {"HF_FLASH_FWD_CONFIG": c}, False) for c in fwd]
+            # each variant once per --envs entry (in turn, so a slow spell of the GPU hits them alike)
+            envs = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (a.envs.split("/") if a.envs
+                                                                                 else [""])]
+            variants = [(" ".join([n, ",".join(f"{k}={v}" for k, v in extra.items()), a.label]).strip(),
+                         dict(env, **extra), b) for extra in envs for n, env, b in variants]
             for name, env, backward in variants:
                 os.environ.update(env)
                 try:

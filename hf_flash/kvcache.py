@@ -21,6 +21,7 @@ import os
 import torch
 
 from hf_flash import _validate as V
+from hf_flash.kernels import _launch
 from hf_flash.kernels import decode as _dec
 
 __all__ = [
@@ -290,7 +291,7 @@ _PLAN_SLOTS = 4
 
 
 def _env_key() -> tuple:
-    get = os.environ.get
+    get = _launch.env_get
     return (get("HF_FLASH_DECODE_PLAN"), get("HF_FLASH_DECODE_CONFIG"), get("HF_FLASH_DECODE_FUSED"),
             get("HF_FLASH_DIRECT_LAUNCH"), get("HF_FLASH_DECODE_PDL"))
 
@@ -300,7 +301,7 @@ def _opt_key(t):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal: bool,
-                     window_size: tuple[int, int], softcap: float):
+                     window_size: tuple[int, int], softcap: float, heads_first: bool = False):
     """``flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=..., cache_leftpad=..., ...)`` without the
     public API's argument checks, for callers whose tensors are consistent by construction (the "flashtri"
     attention function in a decode step: q, k, v of one dtype and device from the model, ``cache_seqlens`` /
@@ -311,8 +312,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
     :class:`~hf_flash.kernels.decode.DecodePlan`; the other layers of the step replay it (one output allocation
     and two direct launches). ``HF_FLASH_DECODE_PLAN=0`` turns plans off. While a CUDA graph is captured the
     general launcher runs (a plan's buffers must not be baked into a graph that may outlive it); under
-    ``torch.compile`` this goes through the checked custom-op path."""
-    if torch.compiler.is_compiling():
+    ``torch.compile`` this goes through the checked custom-op path.
+
+    ``heads_first``: q, k_cache and v_cache come as (batch, heads, seqlen, headdim), as transformers' attention
+    functions get them; the output is (batch, seqlen, heads, headdim) all the same. A plan replays them as they
+    are (the kernels take strides), so only a call that records one makes the flash-layout views."""
+    compiling = torch.compiler.is_compiling()
+    env = None if compiling else _env_key()
+    general = compiling or env[0] == "0" or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    if heads_first and general:
+        q, k_cache, v_cache = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        heads_first = False
+    if compiling:
         return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
                                        softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                        softcap=softcap)
@@ -320,8 +331,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
     if causal:
         right = 0
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    env = _env_key()
-    if env[0] == "0" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if general:
         return _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
                                      softcap=softcap, seqlens_k=cache_seqlens, leftpad=cache_leftpad,
                                      unified_max=UNIFIED_MAX_DEFAULT)[0]
@@ -329,11 +339,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
     key = (q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(), q.dtype,
            k_cache.dtype, q.device, stream, q.data_ptr() % 16, k_cache.data_ptr() % 16, v_cache.data_ptr() % 16,
            _opt_key(cache_seqlens), _opt_key(cache_leftpad), scale, left, right, softcap, UNIFIED_MAX_DEFAULT, env,
-           torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None)
+           torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None, heads_first)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan(q, k_cache, v_cache, cache_seqlens, cache_leftpad)
+    if heads_first:
+        q, k_cache, v_cache = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     out, plan = _dec.plan_decode(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
                                  softcap=softcap, seqlens_k=cache_seqlens, leftpad=cache_leftpad,
                                  unified_max=UNIFIED_MAX_DEFAULT)

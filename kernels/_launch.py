@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["launch", "run_compiled", "can_run_directly", "direct_launch_enabled", "STATS"]
+__all__ = ["launch", "run_compiled", "can_run_directly", "direct_launch_enabled", "env_get", "STATS"]
 
 # direct / normal launches, for tests that must show which path ran
 STATS = {"direct": 0, "normal": 0}
@@ -30,8 +30,26 @@ STATS = {"direct": 0, "normal": 0}
 _INT32 = (-(2**31), 2**31 - 1)
 
 
+# CPython keeps os.environ's values in this dict (bytes keys and values on POSIX), updated by every os.environ
+# assignment and deletion (pytest's monkeypatch.setenv included). Reading it costs a dict lookup, against ~1 us for
+# os.environ.get (key and value encoding), which a decode step pays several times per layer.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_KEYS: dict = {}
+
+
+def env_get(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)``, at dict speed where the interpreter allows it."""
+    if _ENV_DATA is None:
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    value = _ENV_DATA.get(key)
+    return default if value is None else os.fsdecode(value)
+
+
 def direct_launch_enabled() -> bool:
-    return os.environ.get("HF_FLASH_DIRECT_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+    return env_get("HF_FLASH_DIRECT_LAUNCH", "1") != "0" and env_get("TRITON_INTERPRET") != "1"
 
 
 def _int_flags(x: int) -> int:
@@ -39,13 +57,18 @@ def _int_flags(x: int) -> int:
     return (x == 1) | ((x % 16 == 0) << 1) | ((not _INT32[0] <= x <= _INT32[1]) << 2)
 
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # triton < 3.3: no knobs module
+    _knobs = None
+
+
 def _no_hooks() -> bool:
     """No launch hook is set (triton 3.6 keeps them as HookChain objects, empty unless a profiler adds one)."""
-    try:
-        from triton import knobs
-    except ImportError:  # triton < 3.3: no knobs module
+    if _knobs is None:
         return True
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+    runtime = _knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
         if hook is not None and (not hasattr(hook, "calls") or hook.calls):
             return False
     return True

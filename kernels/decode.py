@@ -818,11 +818,11 @@ class _Recorded:
         for i, _ in self.slots:
             self.values[i] = None
 
-    def run(self, call: dict):
+    def run(self, call: dict, direct: bool):
         values = self.values.copy()
         for i, role in self.slots:
             values[i] = call[role]
-        if self.kernel is not None and _launch.direct_launch_enabled() and _launch._no_hooks():
+        if direct and self.kernel is not None:
             _launch.run_compiled(self.kernel, self.grid, call["q"].device.index, values)
         else:
             self.fn[self.grid](**dict(zip(self.names, values)), **self.opts)
@@ -851,8 +851,9 @@ class DecodePlan:
     def __call__(self, q, k, v, seqlens=None, leftpad=None):
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         call = {"q": q, "k": k, "v": v, "out": out, "seqlens": seqlens, "leftpad": leftpad}
+        direct = _launch.direct_launch_enabled() and _launch._no_hooks()
         for launch in self.launches:
-            launch.run(call)
+            launch.run(call, direct)
         for label in self.launch_labels:
             LAUNCHES[label] += 1
         LAUNCHES["plan"] += 1

@@ -92,6 +92,11 @@ def make_flashtri_attention_mask(flash_attention_mask):
 _logged: set[str] = set()
 
 
+def _warn_no_weights() -> None:
+    _warn_once('attn_implementation="flashtri" does not return attention weights (output_attentions=True): '
+               'they are returned as None. Load the model with attn_implementation="eager" to get them.')
+
+
 def _warn_once(msg: str) -> None:
     if msg in _logged:
         return
@@ -184,9 +189,10 @@ def _decode_lengths(mask: torch.Tensor | None):
 
 
 def _use_decode(plan, q, k, mask, dropout, sliding_window) -> bool:
+    """A decode step for the split-KV path; q and k in transformers' (batch, heads, seqlen, headdim) layout."""
     if not plan.decode_with_cache or dropout > 0.0:
         return False
-    q_len, k_len = q.shape[1], k.shape[1]
+    q_len, k_len = q.shape[2], k.shape[2]
     if q_len > DECODE_MAX_QUERY or k_len <= q_len:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
@@ -249,10 +255,8 @@ def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                                sliding_window: int | None = None, softcap: float | None = None,
                                s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function for "flashtri"; see the module docstring."""
-    if kwargs.get("output_attentions", False) or getattr(getattr(module, "config", None), "output_attentions",
-                                                            False):
-        _warn_once('attn_implementation="flashtri" does not return attention weights (output_attentions=True): '
-                   'they are returned as None. Load the model with attn_implementation="eager" to get them.')
+    if kwargs.get("output_attentions", False):
+        _warn_no_weights()
     if s_aux is not None:
         raise ValueError('attn_implementation="flashtri" does not support attention sinks (s_aux); use '
                          'attn_implementation="eager" or "sdpa" for this model.')
@@ -260,8 +264,24 @@ def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", True))
     if sliding_window is None:
-        sliding_window = getattr(module, "sliding_window", None)
+        # the instance's own attribute (nn.Module.__getattr__ would raise and catch for modules without one)
+        sliding_window = module.__dict__.get("sliding_window", getattr(type(module), "sliding_window", None))
     dtype = _compute_dtype(query)
+    mask = attention_mask
+    if (query.dtype == dtype and key.dtype == dtype and value.dtype == dtype and value.shape[-1] == query.shape[-1]
+            and _use_decode(plan, query, key, mask, float(dropout or 0.0), sliding_window)):
+        # a decode step: the lean path, which runs once per layer per generated token. The tensors go as they
+        # are; a recorded plan reads them through their strides (kvcache.decode_attention(heads_first=True)).
+        # The config's output_attentions is checked on the other paths only (its __getattribute__ is slow):
+        # transformers 5.24 refuses it for any implementation but "eager", and where it is set, the prefill before
+        # any decode step has warned already.
+        cache_seqlens, cache_leftpad = _decode_lengths(mask)
+        out = _kvcache.decode_attention(query, key, value, cache_seqlens, cache_leftpad, scaling, bool(is_causal),
+                                        _window(sliding_window), float(softcap) if softcap else 0.0,
+                                        heads_first=True)
+        return out, None
+    if getattr(getattr(module, "config", None), "output_attentions", False):
+        _warn_no_weights()
     # flash layout (batch, seqlen, heads, headdim): views, no copies
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
@@ -272,9 +292,8 @@ def flashtri_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     window = _window(sliding_window)
     softcap = float(softcap) if softcap else 0.0
     dropout = float(dropout or 0.0)
-    mask = attention_mask
-    if _use_decode(plan, q, k, mask, dropout, sliding_window):
-        # a decode step: the lean path (this runs once per layer per generated token)
+    if _use_decode(plan, query, key, mask, dropout, sliding_window):
+        # a decode step whose inputs need a cast or a padded V first
         cache_seqlens, cache_leftpad = _decode_lengths(mask)
         out = _kvcache.decode_attention(q, k, v, cache_seqlens, cache_leftpad, scaling, bool(is_causal), window,
                                         softcap)

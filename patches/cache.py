@@ -27,6 +27,7 @@ or ``cache`` (5.24) keyword. :func:`supported` checks them; when they differ not
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,6 +43,7 @@ GROW_MIN = 256
 _growing: dict = {}
 
 
+@functools.lru_cache(maxsize=1)
 def _dynamic_layer_class():
     try:
         from transformers.cache_utils import DynamicLayer
@@ -72,28 +74,37 @@ def _growing_class(base):
                 return base.update(self, key_states, value_states, *args, **kwargs)
             values = self.values
             kb, vb = getattr(self, "_hf_flash_buf", (None, None))
-            if not (kb is not None and _is_prefix(keys, kb, length + n) and _is_prefix(values, vb, length + n)
-                    and key_states.dtype == kb.dtype and value_states.dtype == vb.dtype
-                    and key_states.shape[:2] == kb.shape[:2] and value_states.shape[:2] == vb.shape[:2]):
-                self._hf_flash_buf = None  # the old buffer goes before the new one is allocated
+            views = getattr(self, "_hf_flash_views", (None, None))
+            fits = (kb is not None and key_states.dtype == kb.dtype and value_states.dtype == vb.dtype
+                    and key_states.shape[:2] == kb.shape[:2] and value_states.shape[:2] == vb.shape[:2])
+            # keys / values still the views the last update made (a decode step's common case: nothing replaced
+            # them) need only room for n more slots; anything else is checked against the buffer
+            if not (fits and (length + n <= kb.shape[2] if keys is views[0] and values is views[1] else
+                              _is_prefix(keys, kb, length + n) and _is_prefix(values, vb, length + n))):
+                # the old buffer goes before the new one is allocated (unless keys / values still view it)
+                self._hf_flash_buf, self._hf_flash_views = None, (None, None)
+                kb = vb = views = None
                 cap = length + n + max(GROW_MIN, (length + n) // 16)
                 kb = keys.new_empty((keys.shape[0], keys.shape[1], cap, keys.shape[3]))
                 vb = values.new_empty((values.shape[0], values.shape[1], cap, values.shape[3]))
                 kb[:, :, :length].copy_(keys)
                 vb[:, :, :length].copy_(values)
                 self._hf_flash_buf = (kb, vb)
-            kb[:, :, length:length + n].copy_(key_states)
-            vb[:, :, length:length + n].copy_(value_states)
-            self.keys = kb[:, :, :length + n]
-            self.values = vb[:, :, :length + n]
+            kb.narrow(2, length, n).copy_(key_states)
+            vb.narrow(2, length, n).copy_(value_states)
+            self.keys = kb.narrow(2, 0, length + n)
+            self.values = vb.narrow(2, 0, length + n)
+            self._hf_flash_views = (self.keys, self.values)
             return self.keys, self.values
 
         def reset(self):
             self._hf_flash_buf = None
+            self._hf_flash_views = (None, None)
             return base.reset(self)
 
         def offload(self):
             self._hf_flash_buf = None
+            self._hf_flash_views = (None, None)
             return base.offload(self)
 
     GrowingLayer.__name__ = GrowingLayer.__qualname__ = f"Growing{base.__name__}"
@@ -113,21 +124,25 @@ def growing_layer_class():
 
 
 def _pre_hook(module, args, kwargs):
-    if torch.compiler.is_compiling() or os.environ.get("HF_FLASH_GROW_CACHE", "1") == "0":
+    # runs before every forward of the module: the cheap tests first (a layer already switched, or no cache)
+    if torch.compiler.is_compiling():
         return None
-    if getattr(getattr(module, "config", None), "_attn_implementation", None) != NAME:
-        return None  # the model was switched to another implementation: transformers' own cache behaviour
     cache = kwargs.get("past_key_values")
     if cache is None:
         cache = kwargs.get("cache")
     layers = getattr(cache, "layers", None)
-    idx = getattr(module, "layer_idx", None)
+    idx = module.__dict__.get("layer_idx")
+    if idx is None:
+        idx = getattr(module, "layer_idx", None)
     if layers is None or idx is None or not 0 <= idx < len(layers):
         return None
     layer = layers[idx]
     base = _dynamic_layer_class()
-    if type(layer) is base:
-        layer.__class__ = _growing_class(base)
+    if type(layer) is not base or os.environ.get("HF_FLASH_GROW_CACHE", "1") == "0":
+        return None
+    if getattr(getattr(module, "config", None), "_attn_implementation", None) != NAME:
+        return None  # the model was switched to another implementation: transformers' own cache behaviour
+    layer.__class__ = _growing_class(base)
     return None
 
 

@@ -668,3 +668,39 @@ def test_decode_plan_replays_for_other_layers(device):
     del k2, v2, layers, k, v
     gc.collect()
     assert ref_k() is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_plan_takes_heads_first_tensors(device):
+    """transformers' attention functions get (batch, heads, seqlen, dim) views; ``heads_first=True`` hands them to
+    the decode entry as they are: the first call records a plan (its own signature, apart from the flash-layout
+    one), the next replays it on another layer's tensors, and both match the reference."""
+    from hf_flash import kvcache
+
+    g = torch.Generator().manual_seed(22)
+    big = _big(device)
+    hk, group, d, dtype = (2, 3, 48, torch.float32) if not big else (8, 4, 128, LOW)
+    cap = 45 if not big else 4100
+    lengths = [cap, 20] if not big else [cap, 3001]
+    batch = len(lengths)
+    kvcache._PLANS.clear()
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    for i in range(2):
+        q = torch.randn(batch, 1, hk * group, d, dtype=dtype, generator=g).to(device)
+        k, v = make_cache(device, batch, cap, hk, d, dtype, g)
+        # a transformers cache: (batch, kv heads, seqlen, dim) contiguous
+        k_hf, v_hf = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        before = D.LAUNCHES["plan"]
+        with launched("split_kv"):
+            out = kvcache.decode_attention(q.transpose(1, 2), k_hf, v_hf, seqlens, None, d ** -0.5, True, (-1, -1),
+                                           0.0, heads_first=True)
+        assert out.shape == q.shape
+        assert D.LAUNCHES["plan"] - before == i
+        ref, ref_lo, _ = ref_cache_attention(q, k, v, lengths)
+        check_out(out, ref, ref_lo)
+    assert len(kvcache._PLANS) == 1
+    # the same tensors in the flash layout are another signature, and the same result
+    out2 = kvcache.decode_attention(q, k_hf.transpose(1, 2), v_hf.transpose(1, 2), seqlens, None, d ** -0.5, True,
+                                    (-1, -1), 0.0)
+    assert len(kvcache._PLANS) == 2
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)

@@ -119,9 +119,11 @@ def test_decode_reads_the_cache_in_place(models, monkeypatch):
     seen = []
     real = kvcache.decode_attention
 
-    def spy(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args):
-        seen.append((k_cache, v_cache, dict(cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)))
-        return real(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args)
+    def spy(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args, heads_first=False):
+        # seen in the flash layout (batch, seq, heads, dim), whichever layout the call used
+        flash = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if heads_first else (k_cache, v_cache)
+        seen.append((*flash, dict(cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)))
+        return real(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args, heads_first=heads_first)
 
     monkeypatch.setattr(kvcache, "decode_attention", spy)
     nxt = out.logits[:, -1:].argmax(-1)
@@ -236,6 +238,60 @@ def test_dynamic_cache_grows_in_place(models):
     assert cache.get_seq_length() == S["prompt"] and cache.layers[0].keys.data_ptr() == ptrs[0]
     beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
     assert torch.equal(fl.generate(ids, attention_mask=mask, **beams), sdpa.generate(ids, attention_mask=mask, **beams))
+
+
+def test_growing_layer_update_paths():
+    """GrowingDynamicLayer.update on its own, against torch.cat: consecutive decode updates write into the same
+    buffer (the views it made last time are trusted without a full check), crop keeps the buffer, a keys tensor
+    replaced from outside is copied into a fresh buffer (the old one is released, not kept alive by the layer),
+    and running out of spare slots grows the buffer with every token kept."""
+    import weakref
+
+    from transformers.cache_utils import DynamicLayer
+
+    from hf_flash.patches import cache as pcache
+
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda n: torch.randn(2, 3, n, 8, generator=g)  # noqa: E731 - (batch, kv heads, tokens, dim)
+    layer, ref = DynamicLayer(), DynamicLayer()
+    k0, v0 = rnd(10), rnd(10)
+    layer.update(k0, v0)
+    ref.update(k0, v0)
+    layer.__class__ = pcache.growing_layer_class()
+
+    def step(n=1):
+        kn, vn = rnd(n), rnd(n)
+        with torch.no_grad():
+            out = layer.update(kn, vn)
+            want = ref.update(kn, vn)
+        assert out[0] is layer.keys and out[1] is layer.values
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+    step()
+    buf = layer._hf_flash_buf[0]
+    for n in (1, 3, 1):
+        step(n)
+        assert layer.keys.data_ptr() == buf.data_ptr()  # in place, same storage
+    layer.crop(-2)
+    ref.crop(-2)
+    step()
+    assert layer.keys.data_ptr() == buf.data_ptr()
+    # keys replaced from outside (as beam search's reordering does): a fresh buffer, the old one released
+    old = weakref.ref(buf)
+    del buf
+    layer.keys, layer.values = layer.keys.flip(0).contiguous(), layer.values.flip(0).contiguous()
+    ref.keys, ref.values = ref.keys.flip(0).contiguous(), ref.values.flip(0).contiguous()
+    step()
+    import gc
+
+    gc.collect()
+    assert old() is None
+    # past the spare slots: grows, nothing lost
+    cap = layer._hf_flash_buf[0].shape[2]
+    while layer.keys.shape[2] < cap:
+        step(min(16, cap - layer.keys.shape[2]))
+    step()
+    assert layer._hf_flash_buf[0].shape[2] > cap
 
 
 def test_decode_mask_is_handed_over_without_a_host_check():
