@@ -136,9 +136,10 @@ def ablation(model, context, steps) -> list:
     """generate() and a plain decode loop per implementation and per hf_flash switch, in one process."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    modes = [("sdpa", {}), (e2e.NULL_ATTENTION, {}), ("flashtri", {}), ("flashtri", {"HF_FLASH_DECODE_PLAN": "0"}),
-             ("flashtri", {"HF_FLASH_DECODE_PDL": "1"}), ("flashtri", {"HF_FLASH_GROW_CACHE": "0"}),
-             ("flashtri", {}), ("sdpa", {})]
+    modes = [("sdpa", {}), (e2e.NULL_ATTENTION, {}), ("flashtri", {}), ("flashtri", {"HF_FLASH_FUSED_DECODE": "0"}),
+             ("flashtri", {}), ("flashtri", {"HF_FLASH_FUSED_DECODE": "0"}), ("sdpa", {})]
+    if os.environ.get("PROBE_MORE_MODES") == "1":
+        modes[4:4] = [("flashtri", {"HF_FLASH_DECODE_PLAN": "0"}), ("flashtri", {"HF_FLASH_GROW_CACHE": "0"})]
     rows = []
     for impl, env in modes:
         os.environ.update(env)

@@ -16,6 +16,10 @@ rounds (the host's speed drifts by tens of percent between runs, so only neighbo
 * the same with the GPU synchronised after every call (wall time per call: what the kernels take when the
   host is not the limit).
 
+* a decode step through 8 ``LlamaAttention`` modules (projections, rotary, cache update, attention, output
+  projection) with an 8-layer DynamicCache, per layer: "sdpa", "flashtri" (the fused step of patches/llama.py),
+  "flashtri" with ``HF_FLASH_FUSED_DECODE=0``.
+
 Then a cProfile of the flashtri attention function (own time per call). Llama-3-8B attention shapes: 32 query
 heads, 8 KV heads, head dim 128, bf16, batch 1.
 """
@@ -66,6 +70,7 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
+    import transformers
     from transformers import LlamaConfig
     from transformers.cache_utils import DynamicLayer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -117,6 +122,38 @@ def main():
     da()
     plan = next(reversed(kvcache._PLANS.values()))
     pl = lambda: plan(qf, kf, vf, lengths[0], lengths[1])  # noqa: E731
+    # a whole attention module's decode step (projections, rotary, cache update, attention, output projection):
+    # transformers' "sdpa" module, hf_flash's fused step, and hf_flash's with HF_FLASH_FUSED_DECODE=0
+    from transformers import DynamicCache
+
+    ckw = "past_key_values" if transformers.__version__.startswith("5.17") else "cache"
+
+    def module_step(impl, fused=True, layers=8):
+        """One decode step through ``layers`` attention modules (a model's layers: the first of a step records a
+        decode plan, the others replay it); the time is reported per layer."""
+        c = LlamaConfig(**cfg.to_dict())
+        c._attn_implementation = impl
+        mods = [LlamaAttention(c, layer_idx=i).to(dev, dt).eval() for i in range(layers)]
+        cache = DynamicCache()
+        for i, mod in enumerate(mods):
+            if impl == "flashtri":
+                patt.plan_for(mod)  # installs the growing cache and the fused decode forward
+            cache.update(k0.clone(), v0.clone(), i)
+        h = torch.randn(1, 1, 4096, device=dev, dtype=dt, generator=g)
+        pe = (torch.randn(1, 1, 128, device=dev, dtype=dt, generator=g),
+              torch.randn(1, 1, 128, device=dev, dtype=dt, generator=g))
+        calls = [0]
+
+        def fn():
+            for mod in mods:
+                mod(hidden_states=h, position_embeddings=pe, attention_mask=None, use_cache=True, **{ckw: cache})
+            calls[0] += 1
+            if calls[0] % 64 == 0:
+                cache.crop(-64)
+        fn.env = {} if fused else {"HF_FLASH_FUSED_DECODE": "0"}
+        fn.per = layers
+        return fn
+
     x = torch.empty(8, device=dev)
     cases = {
         "torch.add": lambda: torch.add(x, 1),
@@ -127,15 +164,27 @@ def main():
         "flashtri_attention_forward": ft,
         "kvcache.decode_attention": da,
         "DecodePlan call": pl,
+        "LlamaAttention step per layer, sdpa": module_step("sdpa"),
+        "LlamaAttention step per layer, flashtri fused": module_step("flashtri"),
+        "LlamaAttention step per layer, flashtri unfused": module_step("flashtri", fused=False),
     }
     rows = {name: [] for name in cases}
-    synced = {name: [] for name in ("sdpa_attention_forward", "flashtri_attention_forward")}
+    synced = {name: [] for name in ("sdpa_attention_forward", "flashtri_attention_forward",
+                                    "LlamaAttention step per layer, sdpa",
+                                    "LlamaAttention step per layer, flashtri fused")}
     with torch.no_grad():
         for r in range(a.rounds):
             for name, fn in cases.items():
-                rows[name].append(per_call_us(fn, a.calls))
+                os.environ.update(getattr(fn, "env", {}))
+                try:
+                    per = getattr(fn, "per", 1)
+                    rows[name].append(per_call_us(fn, max(1, a.calls // per)) / per)
+                finally:
+                    for var in getattr(fn, "env", {}):
+                        os.environ.pop(var, None)
             for name in synced:
-                synced[name].append(per_call_us(cases[name], a.calls // 4, sync_each=True))
+                per = getattr(cases[name], "per", 1)
+                synced[name].append(per_call_us(cases[name], max(1, a.calls // 4 // per), sync_each=True) / per)
             print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rows.items()), flush=True)
         prof = cProfile.Profile()
         prof.enable()

@@ -505,9 +505,11 @@ def _combine_kernel(
 
 
 @triton.jit
-def _rotate(x_ptr, offs_d, dmask, COS, SIN, pos, stride_cos, seqlen_ro, ROTARY_DIM: tl.constexpr,
-            INTERLEAVED: tl.constexpr):
-    """x rotated at position ``pos`` in float32; dims past ROTARY_DIM pass through."""
+def _rotate(x_ptr, offs_d, dmask, COS, SIN, cs_row, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+            FULL_WIDTH: tl.constexpr):
+    """x rotated in float32 by the cos/sin row at element offset ``cs_row``; dims past ROTARY_DIM pass through.
+    The row holds rotary_dim / 2 values (flash-attn's tables), or with FULL_WIDTH one value per dim
+    (transformers' cos/sin, non-interleaved: x * cos + rotate_half(x) * sin exactly as its models compute it)."""
     x = tl.load(x_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
     in_rot = offs_d < ROTARY_DIM
     if INTERLEAVED:
@@ -516,12 +518,14 @@ def _rotate(x_ptr, offs_d, dmask, COS, SIN, pos, stride_cos, seqlen_ro, ROTARY_D
         sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
     else:
         partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
-        ci = offs_d % (ROTARY_DIM // 2)
+        if FULL_WIDTH:
+            ci = offs_d
+        else:
+            ci = offs_d % (ROTARY_DIM // 2)
         sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
     xp = tl.load(x_ptr + partner, mask=in_rot & dmask, other=0.0).to(tl.float32)
-    pos = tl.minimum(tl.maximum(pos, 0), seqlen_ro - 1).to(tl.int64)
-    c = tl.load(COS + pos * stride_cos + ci, mask=in_rot, other=1.0).to(tl.float32)
-    s = tl.load(SIN + pos * stride_cos + ci, mask=in_rot, other=0.0).to(tl.float32)
+    c = tl.load(COS + cs_row + ci, mask=in_rot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + cs_row + ci, mask=in_rot, other=0.0).to(tl.float32)
     return x * c + sign * xp * s
 
 
@@ -531,14 +535,17 @@ def _append_rotary_kernel(
     stride_qb, stride_qt, stride_qh, stride_rb, stride_rt, stride_rh,
     stride_nkb, stride_nkt, stride_nkh, stride_nvb, stride_nvt, stride_nvh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_cos, stride_btb,
+    stride_cos, stride_cb, stride_ct, stride_btb,
     seqlen_q, seqlen_new, nheads_k, capacity, seqlen_ro, num_pages,
     ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, Q_POS_PER_TOKEN: tl.constexpr, HAS_NEW: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HEADDIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROPE_PER_TOKEN: tl.constexpr,
 ):
-    """One program per (sequence, token, head): rotate the query token (into Q_ROT), and write the new K/V token
-    (rotated K) at cache slot cache_seqlens[b] + token. A slot past the capacity is not written."""
+    """One program per (sequence, token, head): rotate the query token (into Q_ROT, which may be Q itself: a
+    program reads its row before it writes it), and write the new K/V token (rotated K) at cache slot
+    cache_seqlens[b] + token. A slot past the capacity is not written. Rotary by a table (flash-attn:
+    (seqlen_ro, rotary_dim / 2), indexed by the token's position) or, with ROPE_PER_TOKEN, by the cos/sin rows
+    a transformers model computed for these tokens ((batch, seqlen, head dim), row (b, token))."""
     b = tl.program_id(0)
     i = tl.program_id(1)
     h = tl.program_id(2)
@@ -547,12 +554,16 @@ def _append_rotary_kernel(
     start = tl.load(CACHE_SEQLENS + b)
     if ROTARY_DIM > 0:
         if i < seqlen_q:
-            if Q_POS_PER_TOKEN:
-                qpos = start + i
+            if ROPE_PER_TOKEN:
+                q_row = b.to(tl.int64) * stride_cb + i * stride_ct
             else:
-                qpos = start
+                if Q_POS_PER_TOKEN:
+                    qpos = start + i
+                else:
+                    qpos = start
+                q_row = tl.minimum(tl.maximum(qpos, 0), seqlen_ro - 1).to(tl.int64) * stride_cos
             x = _rotate(Q + b.to(tl.int64) * stride_qb + i * stride_qt + h * stride_qh, offs_d, dmask, COS, SIN,
-                        qpos, stride_cos, seqlen_ro, ROTARY_DIM, INTERLEAVED)
+                        q_row, ROTARY_DIM, INTERLEAVED, ROPE_PER_TOKEN)
             tl.store(Q_ROT + b.to(tl.int64) * stride_rb + i * stride_rt + h * stride_rh + offs_d,
                      x.to(Q_ROT.dtype.element_ty), mask=dmask)
     if HAS_NEW:
@@ -562,8 +573,11 @@ def _append_rotary_kernel(
                 if (slot >= 0) & (slot < capacity):
                     k_src = K_NEW + b.to(tl.int64) * stride_nkb + i * stride_nkt + h * stride_nkh
                     if ROTARY_DIM > 0:
-                        kx = _rotate(k_src, offs_d, dmask, COS, SIN, slot, stride_cos, seqlen_ro, ROTARY_DIM,
-                                     INTERLEAVED)
+                        if ROPE_PER_TOKEN:
+                            k_row = b.to(tl.int64) * stride_cb + i * stride_ct
+                        else:
+                            k_row = tl.minimum(tl.maximum(slot, 0), seqlen_ro - 1).to(tl.int64) * stride_cos
+                        kx = _rotate(k_src, offs_d, dmask, COS, SIN, k_row, ROTARY_DIM, INTERLEAVED, ROPE_PER_TOKEN)
                     else:
                         kx = tl.load(k_src + offs_d, mask=dmask, other=0.0)
                     vx = tl.load(V_NEW + b.to(tl.int64) * stride_nvb + i * stride_nvt + h * stride_nvh + offs_d,
@@ -909,19 +923,25 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=None, rotary_sin=None,
-              rotary_interleaved=True, q_pos_per_token=True, batch_idx=None, block_table=None):
+              rotary_interleaved=True, q_pos_per_token=True, batch_idx=None, block_table=None,
+              rope_per_token=False, q_out=None):
     """Write k_new/v_new (batch, seqlen_new, nheads_k, d) into the cache at slots cache_seqlens[b] + i, in
-    place, rotating them when cos/sin (seqlen_ro, rotary_dim / 2) are given; returns q rotated (a new tensor)
-    when cos/sin are given, else q. ``cache_seqlens`` (batch,) int32 on the device. Inputs are validated by
-    the caller; a slot past the capacity is skipped, never written out of bounds."""
+    place, rotating them when cos/sin (seqlen_ro, rotary_dim / 2) are given; returns q rotated (a new tensor, or
+    ``q_out``, which may be q itself) when cos/sin are given, else q. ``cache_seqlens`` (batch,) int32 on the
+    device. ``rope_per_token``: cos/sin are transformers' (batch, seqlen, d) rows for these tokens (full width,
+    non-interleaved rotate_half), not a table. Inputs are validated by the caller; a slot past the capacity is
+    skipped, never written out of bounds."""
     batch, seqlen_q, nheads, d = q.shape
     has_new = k_new is not None
     seqlen_new = k_new.shape[1] if has_new else 0
-    rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
+    if rotary_cos is None:
+        rotary_dim = 0
+    else:
+        rotary_dim = rotary_cos.shape[-1] if rope_per_token else 2 * rotary_cos.shape[1]
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    q_rot = torch.empty_like(q) if rotary_dim > 0 else q
+    q_rot = (torch.empty_like(q) if q_out is None else q_out) if rotary_dim > 0 else q
     if rotary_dim == 0 and not has_new:
         return q
     tokens = max(seqlen_q if rotary_dim > 0 else 0, seqlen_new)
@@ -942,12 +962,15 @@ def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=No
         stride_nvb=vn.stride(0), stride_nvt=vn.stride(1), stride_nvh=vn.stride(2),
         stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
-        stride_cos=rotary_cos.stride(0) if rotary_dim > 0 else 0, stride_btb=block_table.stride(0) if paged else 0,
+        stride_cos=rotary_cos.stride(0) if rotary_dim > 0 and not rope_per_token else 0,
+        stride_cb=rotary_cos.stride(0) if rope_per_token and rotary_dim > 0 else 0,
+        stride_ct=rotary_cos.stride(1) if rope_per_token and rotary_dim > 0 else 0,
+        stride_btb=block_table.stride(0) if paged else 0,
         seqlen_q=seqlen_q, seqlen_new=seqlen_new, nheads_k=k_cache.shape[2], capacity=capacity,
-        seqlen_ro=rotary_cos.shape[0] if rotary_dim > 0 else 1, num_pages=k_cache.shape[0],
+        seqlen_ro=rotary_cos.shape[0] if rotary_dim > 0 and not rope_per_token else 1, num_pages=k_cache.shape[0],
         ROTARY_DIM=rotary_dim, INTERLEAVED=bool(rotary_interleaved), Q_POS_PER_TOKEN=bool(q_pos_per_token),
         HAS_NEW=has_new, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size, HEADDIM=d,
-        BLOCK_D=max(16, next_pow2(d)),
+        BLOCK_D=max(16, next_pow2(d)), ROPE_PER_TOKEN=bool(rope_per_token) and rotary_dim > 0,
     ), num_warps=1)
     LAUNCHES["append_rotary" if rotary_dim > 0 else "append"] += 1
     return q_rot

@@ -16,7 +16,8 @@ GPT-2               training (attn_pdrop in the kernel, scale_attn_weights, scal
                     reorder_and_upcast_attn), padded and packed batches, generate() with split-KV decoding
 Llama/Mistral/Qwen2 training with GQA, RoPE, sliding window; padded and packed batches; generate() with
                     split-KV decoding on DynamicCache/StaticCache, left-padded batches without per-step gathers,
-                    DynamicCache layers that grow in place (no per-token torch.cat)
+                    DynamicCache layers that grow in place (no per-token torch.cat), decode steps that rotate q/k
+                    and append K/V in one kernel (DynamicCache)
 other models        the generic path (dense, padded, packed, 4-D masks as attn_bias, softcap, sliding window);
                     attention sinks (s_aux) rejected; decode through the generic varlen/dense kernels
 ==================  ==========================================================================================

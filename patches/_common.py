@@ -32,6 +32,10 @@ def apply(model: torch.nn.Module, match, family: str) -> torch.nn.Module:
         m._hf_flash_plan = p
         if p.decode_with_cache:
             cache.install(m)
+            if p.family == "llama":
+                from hf_flash.patches import llama
+
+                llama.install_fused_decode(m)
     return model
 
 

@@ -122,6 +122,8 @@ def plan_for(module: torch.nn.Module) -> LayerPlan:
         from hf_flash.patches import cache
 
         cache.install(module)  # DynamicCache layers grow in place from the next forward on
+        if plan.family == "llama":
+            llama.install_fused_decode(module)  # and decode steps fuse rotary + append (patches/llama.py)
     return plan
 
 

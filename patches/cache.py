@@ -72,6 +72,33 @@ def _growing_class(base):
             if (length == 0 or n > DECODE_MAX_NEW or torch.compiler.is_compiling() or torch.is_grad_enabled()
                     and (key_states.requires_grad or value_states.requires_grad)):
                 return base.update(self, key_states, value_states, *args, **kwargs)
+            kb, vb = self._hf_flash_room(keys, length, n, key_states, value_states)
+            kb.narrow(2, length, n).copy_(key_states)
+            vb.narrow(2, length, n).copy_(value_states)
+            self.keys = kb.narrow(2, 0, length + n)
+            self.values = vb.narrow(2, 0, length + n)
+            self._hf_flash_views = (self.keys, self.values)
+            return self.keys, self.values
+
+        def reserve(self, key_states, value_states):
+            """For a decode call that writes the new tokens itself (hf_flash.patches.llama's fused decode):
+            make room for them and extend ``keys``/``values`` over their slots without writing them. Returns
+            (key buffer, value buffer, first new slot), or None where ``update`` would not grow in place (then
+            the caller takes the ordinary path). The caller must fill the slots before anything reads them."""
+            n = key_states.shape[-2]
+            keys = self.keys if getattr(self, "is_initialized", True) else None
+            length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+            if length == 0 or n > DECODE_MAX_NEW or torch.compiler.is_compiling() or torch.is_grad_enabled():
+                return None
+            kb, vb = self._hf_flash_room(keys, length, n, key_states, value_states)
+            self.keys = kb.narrow(2, 0, length + n)
+            self.values = vb.narrow(2, 0, length + n)
+            self._hf_flash_views = (self.keys, self.values)
+            return kb, vb, length
+
+        def _hf_flash_room(self, keys, length, n, key_states, value_states):
+            """The layer's buffers, holding its ``length`` tokens with room for ``n`` more (grown or made anew
+            when needed)."""
             values = self.values
             kb, vb = getattr(self, "_hf_flash_buf", (None, None))
             views = getattr(self, "_hf_flash_views", (None, None))
@@ -79,23 +106,19 @@ def _growing_class(base):
                     and key_states.shape[:2] == kb.shape[:2] and value_states.shape[:2] == vb.shape[:2])
             # keys / values still the views the last update made (a decode step's common case: nothing replaced
             # them) need only room for n more slots; anything else is checked against the buffer
-            if not (fits and (length + n <= kb.shape[2] if keys is views[0] and values is views[1] else
-                              _is_prefix(keys, kb, length + n) and _is_prefix(values, vb, length + n))):
-                # the old buffer goes before the new one is allocated (unless keys / values still view it)
-                self._hf_flash_buf, self._hf_flash_views = None, (None, None)
-                kb = vb = views = None
-                cap = length + n + max(GROW_MIN, (length + n) // 16)
-                kb = keys.new_empty((keys.shape[0], keys.shape[1], cap, keys.shape[3]))
-                vb = values.new_empty((values.shape[0], values.shape[1], cap, values.shape[3]))
-                kb[:, :, :length].copy_(keys)
-                vb[:, :, :length].copy_(values)
-                self._hf_flash_buf = (kb, vb)
-            kb.narrow(2, length, n).copy_(key_states)
-            vb.narrow(2, length, n).copy_(value_states)
-            self.keys = kb.narrow(2, 0, length + n)
-            self.values = vb.narrow(2, 0, length + n)
-            self._hf_flash_views = (self.keys, self.values)
-            return self.keys, self.values
+            if fits and (length + n <= kb.shape[2] if keys is views[0] and values is views[1] else
+                         _is_prefix(keys, kb, length + n) and _is_prefix(values, vb, length + n)):
+                return kb, vb
+            # the old buffer goes before the new one is allocated (unless keys / values still view it)
+            self._hf_flash_buf, self._hf_flash_views = None, (None, None)
+            kb = vb = views = None
+            cap = length + n + max(GROW_MIN, (length + n) // 16)
+            kb = keys.new_empty((keys.shape[0], keys.shape[1], cap, keys.shape[3]))
+            vb = values.new_empty((values.shape[0], values.shape[1], cap, values.shape[3]))
+            kb[:, :, :length].copy_(keys)
+            vb[:, :, :length].copy_(values)
+            self._hf_flash_buf = (kb, vb)
+            return kb, vb
 
         def reset(self):
             self._hf_flash_buf = None

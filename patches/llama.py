@@ -10,17 +10,31 @@ own FlashAttention path does, at every step).
 With a DynamicCache, each layer's cache grows in place during decoding (:mod:`hf_flash.patches.cache`): no
 ``torch.cat`` of the whole cache per token.
 
-Not done: fusing the new token's rotary embedding and cache append into the decode call (transformers' cache
-``update`` appends first); sliding-window layers of a StaticCache (a rolling buffer) use the generic path.
+Fused decode step (:func:`install_fused_decode`): an attention module of these classes (their own ``forward``, not
+a subclass's) gets a ``forward`` that, in a decode step with a growing DynamicCache layer and no gradient,
+rotates the query and the new key and writes the new K/V into the cache in one kernel (the rotary from the
+``position_embeddings`` the model computed, exactly ``x * cos + rotate_half(x) * sin``), then runs the split-KV
+kernels: 3 launches where transformers' path makes ~10 for the rotary, 2 for the cache append and 2 for the
+attention, a decode step's host time being what bounds ``generate()``. Everything else (prefill, training, other
+caches, sliding windows, ``output_attentions``, torch.compile, ``HF_FLASH_FUSED_DECODE=0``) runs the class's
+``forward`` unchanged. A module whose ``forward`` someone else already replaced (accelerate's hooks) is left
+alone. ``copy.deepcopy`` of a model keeps the fused ``forward`` (bound to the copy); a model pickled whole
+(``torch.save``) loads with the class's ``forward`` (not fused, still correct).
+
+Not done: sliding-window layers of a StaticCache (a rolling buffer) use the generic path.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from hf_flash.patches._common import LayerPlan, apply, class_names
+from hf_flash.patches.attention import DECODE_MAX_QUERY, _decode_lengths
+from hf_flash.patches.registration import NAME
 
-__all__ = ["patch_llama", "plan_for_module", "ATTENTION_CLASSES"]
+__all__ = ["patch_llama", "plan_for_module", "install_fused_decode", "ATTENTION_CLASSES"]
 
 ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 
@@ -35,3 +49,101 @@ def patch_llama(model: torch.nn.Module) -> torch.nn.Module:
     """Use "flashtri" for a Llama / Mistral / Qwen2 model (switching its attention implementation if needed);
     returns the model. Applied automatically to models loaded with ``attn_implementation="flashtri"``."""
     return apply(model, plan_for_module, "llama")
+
+
+def _stock_class(module: torch.nn.Module):
+    """The transformers class among ATTENTION_CLASSES whose ``forward`` the module runs, or None when a subclass
+    overrides it (its forward may do more than the fused step reproduces)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in ATTENTION_CLASSES and cls.__module__.startswith("transformers.models."):
+            return cls if type(module).forward is cls.forward else None
+    return None
+
+
+def install_fused_decode(module: torch.nn.Module) -> bool:
+    """Give a Llama-family attention module the fused decode ``forward`` (see the module docstring); idempotent.
+    False where it does not apply (another class's forward, or one already replaced on the instance)."""
+    current = module.__dict__.get("forward")
+    if current is not None:
+        return getattr(current, "__func__", None) is _fused_forward
+    if _stock_class(module) is None:
+        return False
+    module.forward = types.MethodType(_fused_forward, module)
+    return True
+
+
+# (batch, value, device) -> int32 tensor of that value: every layer of a decode step appends at the same slot and
+# (without a mask) attends to the same length, so a step makes each once
+_ints_cache: dict = {}
+
+
+def _device_ints(batch: int, value: int, device) -> torch.Tensor:
+    key = (batch, value, device)
+    t = _ints_cache.get(key)
+    if t is None:
+        if len(_ints_cache) >= 8:
+            _ints_cache.clear()
+        t = _ints_cache[key] = torch.full((batch,), value, dtype=torch.int32, device=device)
+    return t
+
+
+def _fused_forward(self, *args, **kwargs):
+    """The module's forward; a decode step that qualifies runs fused (rotary + append in one kernel, then the
+    split-KV kernels), everything else runs the class's forward."""
+    from hf_flash import kvcache
+    from hf_flash.kernels import _launch
+    from hf_flash.kernels import decode as dec
+
+    cls_forward = type(self).forward
+    hidden = kwargs.get("hidden_states") if not args else args[0]
+    if (len(args) > 1 or hidden is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or hidden.dim() != 3 or hidden.shape[1] > DECODE_MAX_QUERY or kwargs.get("output_attentions")):
+        return cls_forward(self, *args, **kwargs)
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    pe = kwargs.get("position_embeddings")
+    layers = getattr(cache, "layers", None)
+    idx = self.__dict__.get("layer_idx")
+    # an offloading cache moves layers between devices inside Cache.update, which the fused step does not call
+    if pe is None or layers is None or idx is None or not 0 <= idx < len(layers) or getattr(cache, "offloading",
+                                                                                              False):
+        return cls_forward(self, *args, **kwargs)
+    layer = layers[idx]
+    reserve = getattr(layer, "reserve", None)
+    keys = getattr(layer, "keys", None) if reserve is not None else None
+    cos, sin = pe
+    batch, n = hidden.shape[0], hidden.shape[1]
+    d = self.head_dim
+    mask = kwargs.get("attention_mask")
+    length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+    if (length == 0 or cos.dim() != 3 or cos.shape[-1] != d or cos.shape[0] != batch or cos.shape[1] != n
+            or sin.shape != cos.shape or (mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + n))
+            or self.__dict__.get("sliding_window") is not None or _launch.env_get("HF_FLASH_FUSED_DECODE") == "0"
+            or getattr(self.config, "_attn_implementation", None) != NAME):
+        return cls_forward(self, *args, **kwargs)
+    q = self.q_proj(hidden).view(batch, n, -1, d)
+    k = self.k_proj(hidden).view(batch, n, -1, d)
+    v = self.v_proj(hidden).view(batch, n, -1, d)
+    room = reserve(k.transpose(1, 2), v.transpose(1, 2))
+    if room is None:  # not expected after the checks above; the ordinary path, from the projections on
+        return cls_forward(self, *args, **kwargs)
+    kb, vb, start = room
+    # (batch, capacity, kv heads, dim) views of the layer's buffers: the new tokens land at [start, start + n)
+    k_buf, v_buf = kb.transpose(1, 2), vb.transpose(1, 2)
+    q = dec.append_kv(q, k, v, k_buf, v_buf, _device_ints(batch, start, hidden.device), rotary_cos=cos,
+                      rotary_sin=sin, rotary_interleaved=False, rope_per_token=True, q_out=q)
+    # the attention reads the whole buffer with the lengths on the device: its shape changes only when the buffer
+    # grows, so every layer of every step replays one decode plan (a cache sliced to the current length is a new
+    # signature at each step, whose first layer records a plan: ~0.6 ms of host time per step)
+    seqlens, leftpad = _decode_lengths(mask)
+    if seqlens is None:
+        seqlens = _device_ints(batch, start + n, hidden.device)
+    out = kvcache.decode_attention(q, k_buf, v_buf, seqlens, leftpad, self.scaling, True, (-1, -1), 0.0)
+    return self.o_proj(out.reshape(batch, n, -1)), None
+
+
+# A bound method pickles as getattr(module, its function's name): under the name "forward", a model saved whole
+# (torch.save) loads with the class's forward bound in its place (not fused, still correct). copy.deepcopy
+# rebinds the fused forward to the copy.
+_fused_forward.__name__ = "forward"

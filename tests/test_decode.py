@@ -671,6 +671,44 @@ def test_decode_plan_replays_for_other_layers(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [24, 80])
+def test_append_with_per_token_rotary_rows(device, d):
+    """``append_kv(rope_per_token=True)``: cos/sin are the (batch, tokens, head dim) rows a transformers model
+    computed (here random, halves not tied, so the formula itself is checked): q is rotated in place and the new
+    K (rotated) / V land at slot cache_seqlens[b] + i, as ``x * cos + rotate_half(x) * sin``; other slots are
+    untouched."""
+    from hf_flash.kernels import decode as dec
+
+    g = torch.Generator().manual_seed(31)
+    batch, n, hk, group, cap = 2, 3, 2, 2, 19
+    q = torch.randn(batch, n, hk * group, d, generator=g)
+    k_new, v_new = torch.randn(batch, n, hk, d, generator=g), torch.randn(batch, n, hk, d, generator=g)
+    cos, sin = torch.randn(batch, n, d, generator=g), torch.randn(batch, n, d, generator=g)
+    k_cache, v_cache = torch.randn(batch, cap, hk, d, generator=g), torch.randn(batch, cap, hk, d, generator=g)
+    starts = [5, 11]
+
+    def rot(x):  # transformers' apply_rotary_pos_emb on (batch, tokens, heads, dim)
+        half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+        return x * cos[:, :, None] + half * sin[:, :, None]
+
+    want_q, want_k = rot(q), rot(k_new)
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    for b, s in enumerate(starts):
+        want_kc[b, s:s + n], want_vc[b, s:s + n] = want_k[b], v_new[b]
+    q_d, k_c, v_c = q.to(device), k_cache.to(device), v_cache.to(device)
+    before = dec.LAUNCHES["append_rotary"]
+    out = dec.append_kv(q_d, k_new.to(device), v_new.to(device), k_c, v_c,
+                        torch.tensor(starts, dtype=torch.int32, device=device), rotary_cos=cos.to(device),
+                        rotary_sin=sin.to(device), rotary_interleaved=False, rope_per_token=True, q_out=q_d)
+    assert dec.LAUNCHES["append_rotary"] - before == 1
+    assert out is q_d  # rotated in place
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), want_q, **tol)
+    torch.testing.assert_close(k_c.cpu(), want_kc, **tol)
+    torch.testing.assert_close(v_c.cpu(), want_vc, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_plan_takes_heads_first_tensors(device):
     """transformers' attention functions get (batch, heads, seqlen, dim) views; ``heads_first=True`` hands them to
     the decode entry as they are: the first call records a plan (its own signature, apart from the flash-layout

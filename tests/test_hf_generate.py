@@ -91,6 +91,62 @@ def test_greedy_tokens_equal_sdpa_and_decode_uses_split_kv(models, kind, cache, 
     assert dec1 - dec0 == layers * (S["new"] - 1), "each decode step should take the split-KV kernel once per layer"
 
 
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_llama_decode_fuses_rotary_and_cache_append(models, monkeypatch, fused):
+    """Llama decode steps with a DynamicCache rotate the query and the new key and write K/V into the cache in one
+    kernel (patches/llama.py): one append launch per layer per step (none with HF_FLASH_FUSED_DECODE=0), the
+    split-KV kernel as before, every step's logits equal to sdpa's (left-padded batch), and the cache afterwards
+    holding what sdpa's holds."""
+    from hf_flash.patches import llama as pllama
+
+    if fused == "off":
+        monkeypatch.setenv("HF_FLASH_FUSED_DECODE", "0")
+    fl, sdpa = models["llama"]
+    ids, mask = _prompt(3)
+    kw = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    a0, s0 = kdec.LAUNCHES["append_rotary"], kdec.LAUNCHES["split_kv"]
+    got = fl.generate(ids, attention_mask=mask, **kw)
+    appended, split = kdec.LAUNCHES["append_rotary"] - a0, kdec.LAUNCHES["split_kv"] - s0
+    # installed at the model's first forward (the prompt's)
+    attn = fl.model.layers[0].self_attn
+    assert getattr(attn.__dict__.get("forward"), "__func__", None) is pllama._fused_forward
+    want = sdpa.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    steps = S["new"] - 1
+    assert appended == (S["layers"] * steps if fused == "on" else 0)
+    assert split == S["layers"] * steps
+    # float32 models; on the GPU both implementations run their products in TF32
+    tol = 2e-2 if ON_GPU else 1e-4
+    for step, (lg, lw) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(lg, lw, rtol=tol, atol=tol, msg=lambda m: f"step {step}: {m}")
+    for layer, ref in zip(got.past_key_values.layers, want.past_key_values.layers):
+        torch.testing.assert_close(layer.keys, ref.keys, rtol=tol, atol=tol)
+        torch.testing.assert_close(layer.values, ref.values, rtol=tol, atol=tol)
+
+
+def test_fused_decode_forward_survives_deepcopy_and_pickling(models, tmp_path):
+    """copy.deepcopy keeps the fused forward, bound to the copy (not to the original's weights); a model saved
+    whole with torch.save loads and generates the same tokens (with the class's forward)."""
+    import copy
+
+    fl, _ = models["llama"]
+    ids, mask = _prompt(1)
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    want = fl.generate(ids, attention_mask=mask, **kw)
+    twin = copy.deepcopy(fl)
+    fwd = twin.model.layers[0].self_attn.__dict__["forward"]
+    assert fwd.__self__ is twin.model.layers[0].self_attn
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)  # a copy with other weights must give other logits than the original
+    assert not torch.equal(twin(ids, attention_mask=mask).logits, fl(ids, attention_mask=mask).logits)
+    path = tmp_path / "model.pt"
+    torch.save(fl, path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, **kw), want)
+
+
 def test_sampling_equals_sdpa_under_a_seed(models):
     fl, sdpa = models["llama"]
     ids, mask = _prompt(3)
