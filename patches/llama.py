@@ -16,8 +16,8 @@ rotates the query and the new key and writes the new K/V into the cache in one k
 ``position_embeddings`` the model computed, exactly ``x * cos + rotate_half(x) * sin``), then runs the split-KV
 kernels: 3 launches where transformers' path makes ~10 for the rotary, 2 for the cache append and 2 for the
 attention, a decode step's host time being what bounds ``generate()``. Everything else (prefill, training, other
-caches, sliding windows, ``output_attentions``, torch.compile, ``HF_FLASH_FUSED_DECODE=0``) runs the class's
-``forward`` unchanged. A module whose ``forward`` someone else already replaced (accelerate's hooks) is left
+caches or cache dtypes, sliding windows, ``output_attentions``, attention dropout in train mode, torch.compile,
+``HF_FLASH_FUSED_DECODE=0``) runs the class's ``forward`` unchanged. A module whose ``forward`` someone else already replaced (accelerate's hooks) is left
 alone. ``copy.deepcopy`` of a model keeps the fused ``forward`` (bound to the copy); a model pickled whole
 (``torch.save``) loads with the class's ``forward`` (not fused, still correct).
 
@@ -120,11 +120,14 @@ def _fused_forward(self, *args, **kwargs):
     if (length == 0 or cos.dim() != 3 or cos.shape[-1] != d or cos.shape[0] != batch or cos.shape[1] != n
             or sin.shape != cos.shape or (mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + n))
             or self.__dict__.get("sliding_window") is not None or _launch.env_get("HF_FLASH_FUSED_DECODE") == "0"
+            or (self.training and getattr(self, "attention_dropout", 0.0))
             or getattr(self.config, "_attn_implementation", None) != NAME):
         return cls_forward(self, *args, **kwargs)
     q = self.q_proj(hidden).view(batch, n, -1, d)
     k = self.k_proj(hidden).view(batch, n, -1, d)
     v = self.v_proj(hidden).view(batch, n, -1, d)
+    if k.dtype != keys.dtype or q.dtype != k.dtype or v.dtype != k.dtype:  # a cache of another dtype (or autocast)
+        return cls_forward(self, *args, **kwargs)
     room = reserve(k.transpose(1, 2), v.transpose(1, 2))
     if room is None:  # not expected after the checks above; the ordinary path, from the projections on
         return cls_forward(self, *args, **kwargs)
