@@ -125,6 +125,35 @@ def test_llama_decode_fuses_rotary_and_cache_append(models, monkeypatch, fused):
         torch.testing.assert_close(layer.values, ref.values, rtol=tol, atol=tol)
 
 
+def test_fused_decode_runs_lora_projections(tmp_path):
+    """A PEFT LoRA model (adapters on q/k/v/o, non-zero) decodes through the fused step with the adapters applied:
+    greedy tokens and logits equal those of the same adapters on "sdpa"."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    base = AutoModelForCausalLM.from_config(_config("llama"))
+    base.save_pretrained(tmp_path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          lora_dropout=0.0, init_lora_weights=False)  # random B: the adapters change the output
+    wrapped = {}
+    for impl in ("flashtri", "sdpa"):
+        torch.manual_seed(8)  # the same adapter weights for both
+        m = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).to(DEVICE).eval()
+        wrapped[impl] = peft.get_peft_model(m, cfg).eval()
+    ids, mask = _prompt(2)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    a0 = kdec.LAUNCHES["append_rotary"]
+    got = wrapped["flashtri"].generate(input_ids=ids, attention_mask=mask, **kw)
+    assert kdec.LAUNCHES["append_rotary"] - a0 == S["layers"] * 3
+    want = wrapped["sdpa"].generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    tol = 2e-2 if ON_GPU else 1e-4
+    for lg, lw in zip(got.logits, want.logits):
+        torch.testing.assert_close(lg, lw, rtol=tol, atol=tol)
+
+
 def test_fused_decode_forward_survives_deepcopy_and_pickling(models, tmp_path):
     """copy.deepcopy keeps the fused forward, bound to the copy (not to the original's weights); a model saved
     whole with torch.save loads and generates the same tokens (with the class's forward)."""
