@@ -16,7 +16,9 @@ new tokens, no gradient, not while compiling) and calls ``DynamicLayer.update`` 
 the first step). Anything that replaces ``keys``/``values`` (``crop`` keeps the view; beam reordering,
 ``batch_select_indices``, offloading make new tensors) is noticed at the next update, which then copies into a
 fresh buffer: correct, only not in place. The layer stays a ``DynamicLayer`` (``isinstance``, ``copy.deepcopy``,
-``get_seq_length`` unchanged). StaticCache layers are preallocated already and are left alone.
+``get_seq_length`` unchanged). ``GrowingLayer.reserve`` makes room for a decode step's tokens and extends the
+views without writing them, for the fused Llama decode step (:mod:`hf_flash.patches.llama`), whose kernel writes
+them. StaticCache layers are preallocated already and are left alone.
 ``HF_FLASH_GROW_CACHE=0`` turns the switch off (layers not yet switched keep transformers' ``torch.cat``).
 
 transformers internals used: ``Cache.layers``, ``DynamicLayer`` and its ``keys``/``values``/``update``/``reset``/

@@ -19,7 +19,11 @@ attention, a decode step's host time being what bounds ``generate()``. Everythin
 caches or cache dtypes, sliding windows, ``output_attentions``, attention dropout in train mode, torch.compile,
 ``HF_FLASH_FUSED_DECODE=0``) runs the class's ``forward`` unchanged. A module whose ``forward`` someone else already replaced (accelerate's hooks) is left
 alone. ``copy.deepcopy`` of a model keeps the fused ``forward`` (bound to the copy); a model pickled whole
-(``torch.save``) loads with the class's ``forward`` (not fused, still correct).
+(``torch.save``) loads with the class's ``forward`` (not fused, still correct). transformers internals used
+(read in 5.17 and 5.24): the module's ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``head_dim``, ``scaling``,
+``layer_idx`` (checked at install), the decoder layer passing ``hidden_states``, ``position_embeddings``,
+``attention_mask`` and the cache (``past_key_values`` or ``cache``) as keywords, and ``Cache.layers`` /
+``offloading``; a call that does not look like that runs the class's forward.
 
 Not done: sliding-window layers of a StaticCache (a rolling buffer) use the generic path.
 """
@@ -51,6 +55,9 @@ def patch_llama(model: torch.nn.Module) -> torch.nn.Module:
     return apply(model, plan_for_module, "llama")
 
 
+_USED = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config")
+
+
 def _stock_class(module: torch.nn.Module):
     """The transformers class among ATTENTION_CLASSES whose ``forward`` the module runs, or None when a subclass
     overrides it (its forward may do more than the fused step reproduces)."""
@@ -66,7 +73,8 @@ def install_fused_decode(module: torch.nn.Module) -> bool:
     current = module.__dict__.get("forward")
     if current is not None:
         return getattr(current, "__func__", None) is _fused_forward
-    if _stock_class(module) is None:
+    # what the fused step uses of the module (transformers 5.17-5.24); a version that changed it keeps its forward
+    if _stock_class(module) is None or not all(hasattr(module, a) for a in _USED):
         return False
     module.forward = types.MethodType(_fused_forward, module)
     return True
