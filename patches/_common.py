@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_flash.patches.attention import LayerPlan
+from hf_flash.patches.attention import LayerPlan, install_decode_path
 from hf_flash.patches.registration import NAME, register
 
 
@@ -26,16 +26,9 @@ def apply(model: torch.nn.Module, match, family: str) -> torch.nn.Module:
             raise TypeError(f"patch_{family}: {type(model).__name__} is not a transformers PreTrainedModel; load it "
                             f'with attn_implementation="{NAME}"')
         model.set_attn_implementation(NAME)
-    from hf_flash.patches import cache
-
     for m, p in plans:
         m._hf_flash_plan = p
-        if p.decode_with_cache:
-            cache.install(m)
-            if p.family == "llama":
-                from hf_flash.patches import llama
-
-                llama.install_fused_decode(m)
+        install_decode_path(m, p)
     return model
 
 

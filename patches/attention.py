@@ -39,7 +39,8 @@ from hf_flash import interface as _iface
 from hf_flash import kvcache as _kvcache
 from hf_flash import padding as _padding
 
-__all__ = ["flashtri_attention_forward", "LayerPlan", "plan_for", "DECODE_MAX_QUERY", "make_flashtri_attention_mask"]
+__all__ = ["flashtri_attention_forward", "LayerPlan", "plan_for", "install_decode_path", "DECODE_MAX_QUERY",
+           "make_flashtri_attention_mask"]
 
 # Longest query (new tokens per sequence) sent to the split-KV decode kernel; flash_attn_with_kvcache supports
 # up to 16 (speculative decoding, chunked steps). Longer queries are prefill work for the FA2 kernel.
@@ -118,13 +119,20 @@ def plan_for(module: torch.nn.Module) -> LayerPlan:
         module._hf_flash_plan = plan
     except Exception:  # noqa: BLE001 - a module that refuses attributes just resolves again next call
         return plan
-    if plan.decode_with_cache:
-        from hf_flash.patches import cache
-
-        cache.install(module)  # DynamicCache layers grow in place from the next forward on
-        if plan.family == "llama":
-            llama.install_fused_decode(module)  # and decode steps fuse rotary + append (patches/llama.py)
+    install_decode_path(module, plan)
     return plan
+
+
+def install_decode_path(module: torch.nn.Module, plan: LayerPlan) -> None:
+    """What a plan with ``decode_with_cache`` adds to its module: DynamicCache layers that grow in place from the
+    next forward on (patches/cache.py) and, for the Llama family, the fused decode step (patches/llama.py)."""
+    if not plan.decode_with_cache:
+        return
+    from hf_flash.patches import cache, llama
+
+    cache.install(module)
+    if plan.family == "llama":
+        llama.install_fused_decode(module)
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:

@@ -67,20 +67,21 @@ def _growing_class(base):
     class GrowingLayer(base):  # noqa: D401 - see the module docstring
         """A ``DynamicLayer`` whose decode steps write into spare slots of a buffer instead of ``torch.cat``."""
 
+        def hf_flash_length(self) -> int:
+            """Tokens the layer holds (0 before its first update)."""
+            keys = self.keys if getattr(self, "is_initialized", True) else None
+            return keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+
         def update(self, key_states, value_states, *args, **kwargs):
             n = key_states.shape[-2]
-            keys = self.keys if getattr(self, "is_initialized", True) else None
-            length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+            length = self.hf_flash_length()
             if (length == 0 or n > DECODE_MAX_NEW or torch.compiler.is_compiling() or torch.is_grad_enabled()
                     and (key_states.requires_grad or value_states.requires_grad)):
                 return base.update(self, key_states, value_states, *args, **kwargs)
-            kb, vb = self._hf_flash_room(keys, length, n, key_states, value_states)
+            kb, vb = self._hf_flash_room(length, n, key_states, value_states)
             kb.narrow(2, length, n).copy_(key_states)
             vb.narrow(2, length, n).copy_(value_states)
-            self.keys = kb.narrow(2, 0, length + n)
-            self.values = vb.narrow(2, 0, length + n)
-            self._hf_flash_views = (self.keys, self.values)
-            return self.keys, self.values
+            return self._hf_flash_extend(kb, vb, length + n)
 
         def reserve(self, key_states, value_states):
             """For a decode call that writes the new tokens itself (hf_flash.patches.llama's fused decode):
@@ -88,20 +89,25 @@ def _growing_class(base):
             (key buffer, value buffer, first new slot), or None where ``update`` would not grow in place (then
             the caller takes the ordinary path). The caller must fill the slots before anything reads them."""
             n = key_states.shape[-2]
-            keys = self.keys if getattr(self, "is_initialized", True) else None
-            length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+            length = self.hf_flash_length()
             if length == 0 or n > DECODE_MAX_NEW or torch.compiler.is_compiling() or torch.is_grad_enabled():
                 return None
-            kb, vb = self._hf_flash_room(keys, length, n, key_states, value_states)
-            self.keys = kb.narrow(2, 0, length + n)
-            self.values = vb.narrow(2, 0, length + n)
-            self._hf_flash_views = (self.keys, self.values)
+            kb, vb = self._hf_flash_room(length, n, key_states, value_states)
+            self._hf_flash_extend(kb, vb, length + n)
             return kb, vb, length
 
-        def _hf_flash_room(self, keys, length, n, key_states, value_states):
+        def _hf_flash_extend(self, kb, vb, length):
+            """``keys``/``values`` become views of the buffers' first ``length`` slots (remembered, so the next
+            update knows nothing replaced them)."""
+            self.keys = kb.narrow(2, 0, length)
+            self.values = vb.narrow(2, 0, length)
+            self._hf_flash_views = (self.keys, self.values)
+            return self.keys, self.values
+
+        def _hf_flash_room(self, length, n, key_states, value_states):
             """The layer's buffers, holding its ``length`` tokens with room for ``n`` more (grown or made anew
             when needed)."""
-            values = self.values
+            keys, values = self.keys, self.values
             kb, vb = getattr(self, "_hf_flash_buf", (None, None))
             views = getattr(self, "_hf_flash_views", (None, None))
             fits = (kb is not None and key_states.dtype == kb.dtype and value_states.dtype == vb.dtype

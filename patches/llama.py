@@ -118,13 +118,12 @@ def _fused_forward(self, *args, **kwargs):
                                                                                               False):
         return cls_forward(self, *args, **kwargs)
     layer = layers[idx]
-    reserve = getattr(layer, "reserve", None)
-    keys = getattr(layer, "keys", None) if reserve is not None else None
+    reserve = getattr(layer, "reserve", None)  # a GrowingLayer (patches/cache.py)
     cos, sin = pe
     batch, n = hidden.shape[0], hidden.shape[1]
     d = self.head_dim
     mask = kwargs.get("attention_mask")
-    length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+    length = layer.hf_flash_length() if reserve is not None else 0
     if (length == 0 or cos.dim() != 3 or cos.shape[-1] != d or cos.shape[0] != batch or cos.shape[1] != n
             or sin.shape != cos.shape or (mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + n))
             or self.__dict__.get("sliding_window") is not None or _launch.env_get("HF_FLASH_FUSED_DECODE") == "0"
@@ -134,7 +133,7 @@ def _fused_forward(self, *args, **kwargs):
     q = self.q_proj(hidden).view(batch, n, -1, d)
     k = self.k_proj(hidden).view(batch, n, -1, d)
     v = self.v_proj(hidden).view(batch, n, -1, d)
-    if k.dtype != keys.dtype or q.dtype != k.dtype or v.dtype != k.dtype:  # a cache of another dtype (or autocast)
+    if k.dtype != layer.keys.dtype or q.dtype != k.dtype or v.dtype != k.dtype:  # a cache of another dtype (or autocast)
         return cls_forward(self, *args, **kwargs)
     room = reserve(k.transpose(1, 2), v.transpose(1, 2))
     if room is None:  # not expected after the checks above; the ordinary path, from the projections on

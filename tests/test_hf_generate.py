@@ -330,6 +330,7 @@ def test_growing_layer_update_paths():
     buffer (the views it made last time are trusted without a full check), crop keeps the buffer, a keys tensor
     replaced from outside is copied into a fresh buffer (the old one is released, not kept alive by the layer),
     and running out of spare slots grows the buffer with every token kept."""
+    import gc
     import weakref
 
     from transformers.cache_utils import DynamicLayer
@@ -367,8 +368,6 @@ def test_growing_layer_update_paths():
     layer.keys, layer.values = layer.keys.flip(0).contiguous(), layer.values.flip(0).contiguous()
     ref.keys, ref.values = ref.keys.flip(0).contiguous(), ref.values.flip(0).contiguous()
     step()
-    import gc
-
     gc.collect()
     assert old() is None
     # past the spare slots: grows, nothing lost
