@@ -136,8 +136,9 @@ def ablation(model, context, steps) -> list:
     """generate() and a plain decode loop per implementation and per hf_flash switch, in one process."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    modes = [("sdpa", {}), (e2e.NULL_ATTENTION, {}), ("flashtri", {}), ("flashtri", {"HF_FLASH_FUSED_DECODE": "0"}),
-             ("flashtri", {}), ("flashtri", {"HF_FLASH_FUSED_DECODE": "0"}), ("sdpa", {})]
+    off = {"HF_FLASH_DECODE_GRAPHS": "0"}
+    modes = [("sdpa", {}), (e2e.NULL_ATTENTION, {}), ("flashtri", {}), ("flashtri", off),
+             ("flashtri", {"HF_FLASH_FUSED_DECODE": "0"}), ("flashtri", {}), ("flashtri", off), ("sdpa", {})]
     if os.environ.get("PROBE_MORE_MODES") == "1":
         modes[4:4] = [("flashtri", {"HF_FLASH_DECODE_PLAN": "0"}), ("flashtri", {"HF_FLASH_GROW_CACHE": "0"})]
     rows = []

@@ -301,7 +301,7 @@ def _opt_key(t):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal: bool,
-                     window_size: tuple[int, int], softcap: float, heads_first: bool = False):
+                     window_size: tuple[int, int], softcap: float, heads_first: bool = False, out=None):
     """``flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=..., cache_leftpad=..., ...)`` without the
     public API's argument checks, for callers whose tensors are consistent by construction (the "flashtri"
     attention function in a decode step: q, k, v of one dtype and device from the model, ``cache_seqlens`` /
@@ -316,7 +316,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
 
     ``heads_first``: q, k_cache and v_cache come as (batch, heads, seqlen, headdim), as transformers' attention
     functions get them; the output is (batch, seqlen, heads, headdim) all the same. A plan replays them as they
-    are (the kernels take strides), so only a call that records one makes the flash-layout views."""
+    are (the kernels take strides), so only a call that records one makes the flash-layout views.
+
+    ``out``: a contiguous (batch, seqlen, heads, headdim) tensor the result is written into (and returned); a
+    replayed plan writes it directly, the other paths copy."""
     compiling = torch.compiler.is_compiling()
     env = None if compiling else _env_key()
     general = compiling or env[0] == "0" or (q.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -324,17 +327,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
         q, k_cache, v_cache = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
         heads_first = False
     if compiling:
-        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                                       softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                                       softcap=softcap)
+        return _into(out, flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                  cache_leftpad=cache_leftpad, softmax_scale=softmax_scale,
+                                                  causal=causal, window_size=window_size, softcap=softcap))
     left, right = window_size
     if causal:
         right = 0
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if general:
-        return _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
-                                     softcap=softcap, seqlens_k=cache_seqlens, leftpad=cache_leftpad,
-                                     unified_max=UNIFIED_MAX_DEFAULT)[0]
+        return _into(out, _dec.split_kv_forward(q, k_cache, v_cache, softmax_scale=scale, window_left=left,
+                                                window_right=right, softcap=softcap, seqlens_k=cache_seqlens,
+                                                leftpad=cache_leftpad, unified_max=UNIFIED_MAX_DEFAULT)[0])
     stream = torch._C._cuda_getCurrentRawStream(q.device.index) if q.is_cuda else 0
     key = (q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(), q.dtype,
            k_cache.dtype, q.device, stream, q.data_ptr() % 16, k_cache.data_ptr() % 16, v_cache.data_ptr() % 16,
@@ -343,16 +346,23 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
-        return plan(q, k_cache, v_cache, cache_seqlens, cache_leftpad)
+        return plan(q, k_cache, v_cache, cache_seqlens, cache_leftpad, out=out)
     if heads_first:
         q, k_cache, v_cache = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    out, plan = _dec.plan_decode(q, k_cache, v_cache, softmax_scale=scale, window_left=left, window_right=right,
-                                 softcap=softcap, seqlens_k=cache_seqlens, leftpad=cache_leftpad,
-                                 unified_max=UNIFIED_MAX_DEFAULT)
+    result, plan = _dec.plan_decode(q, k_cache, v_cache, softmax_scale=scale, window_left=left,
+                                    window_right=right, softcap=softcap, seqlens_k=cache_seqlens,
+                                    leftpad=cache_leftpad, unified_max=UNIFIED_MAX_DEFAULT)
     if plan is not None:
         _PLANS[key] = plan
         if len(_PLANS) > _PLAN_SLOTS:
             _PLANS.popitem(last=False)
+    return _into(out, result)
+
+
+def _into(out, result):
+    if out is None:
+        return result
+    out.copy_(result)
     return out
 
 

@@ -848,7 +848,8 @@ class DecodePlan:
     options are the same (every layer of a model's decode step): the compiled kernels are launched directly
     with the call's q / k / v / lengths and a new output swapped into the recorded arguments, and the partials,
     their log-sum-exps and the log-sum-exp output live in the plan (reused call after call on the stream the plan
-    belongs to, so in stream order). What is left per call is one output allocation and two launches.
+    belongs to, so in stream order). What is left per call is one output allocation (none when the caller gives ``out``, of
+    the recorded shape, contiguous) and two launches.
 
     Why: a 32-layer model makes this call 32 times per generated token, and on the GPU box the general launcher
     (argument handling, four allocations, two argument dicts of ~60 entries) cost ~350 us of host time per call
@@ -862,8 +863,9 @@ class DecodePlan:
         self.launches, self.out_shape, self.dtype, self.device = launches, out_shape, dtype, device
         self.launch_labels = launch_labels
 
-    def __call__(self, q, k, v, seqlens=None, leftpad=None):
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+    def __call__(self, q, k, v, seqlens=None, leftpad=None, out=None):
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         call = {"q": q, "k": k, "v": v, "out": out, "seqlens": seqlens, "leftpad": leftpad}
         direct = _launch.direct_launch_enabled() and _launch._no_hooks()
         for launch in self.launches:

@@ -26,9 +26,10 @@ def apply(model: torch.nn.Module, match, family: str) -> torch.nn.Module:
             raise TypeError(f"patch_{family}: {type(model).__name__} is not a transformers PreTrainedModel; load it "
                             f'with attn_implementation="{NAME}"')
         model.set_attn_implementation(NAME)
+    parents = {id(c): m for m in model.modules() for c in m._modules.values() if c is not None}
     for m, p in plans:
         m._hf_flash_plan = p
-        install_decode_path(m, p)
+        install_decode_path(m, p, parents.get(id(m)))
     return model
 
 

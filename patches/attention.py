@@ -123,16 +123,21 @@ def plan_for(module: torch.nn.Module) -> LayerPlan:
     return plan
 
 
-def install_decode_path(module: torch.nn.Module, plan: LayerPlan) -> None:
+def install_decode_path(module: torch.nn.Module, plan: LayerPlan, parent: torch.nn.Module | None = None) -> None:
     """What a plan with ``decode_with_cache`` adds to its module: DynamicCache layers that grow in place from the
-    next forward on (patches/cache.py) and, for the Llama family, the fused decode step (patches/llama.py)."""
+    next forward on (patches/cache.py) and, for the Llama family, the fused decode step (patches/llama.py) and
+    the decode graphs of its decoder layer (patches/graphs.py). ``parent``: that decoder layer; None when the
+    module is being set up at its first call, whose caller is the decoder layer."""
     if not plan.decode_with_cache:
         return
-    from hf_flash.patches import cache, llama
+    from hf_flash.patches import cache, graphs, llama
 
     cache.install(module)
-    if plan.family == "llama":
-        llama.install_fused_decode(module)
+    if plan.family == "llama" and llama.install_fused_decode(module):
+        if parent is None:
+            graphs.install_from_call(module)
+        else:
+            graphs.install(parent)
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:

@@ -34,6 +34,8 @@ import types
 
 import torch
 
+from hf_flash.kernels import _launch
+from hf_flash.patches import graphs
 from hf_flash.patches._common import LayerPlan, apply, class_names
 from hf_flash.patches.attention import DECODE_MAX_QUERY, _decode_lengths
 from hf_flash.patches.registration import NAME
@@ -95,18 +97,13 @@ def _device_ints(batch: int, value: int, device) -> torch.Tensor:
     return t
 
 
-def _fused_forward(self, *args, **kwargs):
-    """The module's forward; a decode step that qualifies runs fused (rotary + append in one kernel, then the
-    split-KV kernels), everything else runs the class's forward."""
-    from hf_flash import kvcache
-    from hf_flash.kernels import _launch
-    from hf_flash.kernels import decode as dec
-
-    cls_forward = type(self).forward
-    hidden = kwargs.get("hidden_states") if not args else args[0]
-    if (len(args) > 1 or hidden is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or hidden.dim() != 3 or hidden.shape[1] > DECODE_MAX_QUERY or kwargs.get("output_attentions")):
-        return cls_forward(self, *args, **kwargs)
+def _fused_inputs(self, hidden: torch.Tensor, kwargs: dict):
+    """(cache layer, cos, sin, mask) when a call of this module with ``hidden`` and ``kwargs`` qualifies for the
+    fused decode step, else None (the class's forward runs). Also used by :mod:`hf_flash.patches.graphs` with the
+    decoder layer's keywords, which are the ones its attention module gets."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or hidden.dim() != 3
+            or hidden.shape[1] > DECODE_MAX_QUERY or kwargs.get("output_attentions")):
+        return None
     cache = kwargs.get("cache")
     if cache is None:
         cache = kwargs.get("past_key_values")
@@ -116,40 +113,68 @@ def _fused_forward(self, *args, **kwargs):
     # an offloading cache moves layers between devices inside Cache.update, which the fused step does not call
     if pe is None or layers is None or idx is None or not 0 <= idx < len(layers) or getattr(cache, "offloading",
                                                                                               False):
-        return cls_forward(self, *args, **kwargs)
+        return None
     layer = layers[idx]
-    reserve = getattr(layer, "reserve", None)  # a GrowingLayer (patches/cache.py)
     cos, sin = pe
     batch, n = hidden.shape[0], hidden.shape[1]
-    d = self.head_dim
     mask = kwargs.get("attention_mask")
-    length = layer.hf_flash_length() if reserve is not None else 0
-    if (length == 0 or cos.dim() != 3 or cos.shape[-1] != d or cos.shape[0] != batch or cos.shape[1] != n
-            or sin.shape != cos.shape or (mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + n))
+    length = layer.hf_flash_length() if getattr(layer, "reserve", None) is not None else 0  # a GrowingLayer
+    if (length == 0 or cos.dim() != 3 or cos.shape[-1] != self.head_dim or cos.shape[0] != batch
+            or cos.shape[1] != n or sin.shape != cos.shape
+            or (mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + n))
             or self.__dict__.get("sliding_window") is not None or _launch.env_get("HF_FLASH_FUSED_DECODE") == "0"
             or (self.training and getattr(self, "attention_dropout", 0.0))
             or getattr(self.config, "_attn_implementation", None) != NAME):
-        return cls_forward(self, *args, **kwargs)
-    q = self.q_proj(hidden).view(batch, n, -1, d)
-    k = self.k_proj(hidden).view(batch, n, -1, d)
-    v = self.v_proj(hidden).view(batch, n, -1, d)
-    if k.dtype != layer.keys.dtype or q.dtype != k.dtype or v.dtype != k.dtype:  # a cache of another dtype (or autocast)
-        return cls_forward(self, *args, **kwargs)
-    room = reserve(k.transpose(1, 2), v.transpose(1, 2))
-    if room is None:  # not expected after the checks above; the ordinary path, from the projections on
-        return cls_forward(self, *args, **kwargs)
+        return None
+    return layer, cos, sin, mask
+
+
+def _fused_attention(self, q, k, v, layer, cos, sin, mask, out=None):
+    """The fused step's attention for the projections q, k, v (batch, n, heads, dim): rotary + append in one
+    kernel, then split-KV over the layer's whole buffer. Returns the attention output (batch, n, heads, dim),
+    written into ``out`` when given, or None where the cache cannot take the tokens in place (then nothing was
+    written and the caller takes the ordinary path)."""
+    from hf_flash import kvcache
+    from hf_flash.kernels import decode as dec
+
+    if k.dtype != layer.keys.dtype or q.dtype != k.dtype or v.dtype != k.dtype:  # a cache of another dtype
+        return None
+    room = layer.reserve(k.transpose(1, 2), v.transpose(1, 2))
+    if room is None:
+        return None
     kb, vb, start = room
+    batch, n = q.shape[0], q.shape[1]
     # (batch, capacity, kv heads, dim) views of the layer's buffers: the new tokens land at [start, start + n)
     k_buf, v_buf = kb.transpose(1, 2), vb.transpose(1, 2)
-    q = dec.append_kv(q, k, v, k_buf, v_buf, _device_ints(batch, start, hidden.device), rotary_cos=cos,
+    q = dec.append_kv(q, k, v, k_buf, v_buf, _device_ints(batch, start, q.device), rotary_cos=cos,
                       rotary_sin=sin, rotary_interleaved=False, rope_per_token=True, q_out=q)
     # the attention reads the whole buffer with the lengths on the device: its shape changes only when the buffer
     # grows, so every layer of every step replays one decode plan (a cache sliced to the current length is a new
     # signature at each step, whose first layer records a plan: ~0.6 ms of host time per step)
     seqlens, leftpad = _decode_lengths(mask)
     if seqlens is None:
-        seqlens = _device_ints(batch, start + n, hidden.device)
-    out = kvcache.decode_attention(q, k_buf, v_buf, seqlens, leftpad, self.scaling, True, (-1, -1), 0.0)
+        seqlens = _device_ints(batch, start + n, q.device)
+    return kvcache.decode_attention(q, k_buf, v_buf, seqlens, leftpad, self.scaling, True, (-1, -1), 0.0, out=out)
+
+
+def _fused_forward(self, *args, **kwargs):
+    """The module's forward; a decode step that qualifies runs fused (rotary + append in one kernel, then the
+    split-KV kernels), everything else runs the class's forward."""
+    hidden = kwargs.get("hidden_states") if not args else args[0]
+    cap = graphs._active
+    if cap is not None and cap.attn is self:  # a decode graph being captured (patches/graphs.py)
+        return cap.at_attention(self, hidden)
+    cls_forward = type(self).forward
+    ready = None if len(args) > 1 or hidden is None else _fused_inputs(self, hidden, kwargs)
+    if ready is None:
+        return cls_forward(self, *args, **kwargs)
+    batch, n, d = hidden.shape[0], hidden.shape[1], self.head_dim
+    q = self.q_proj(hidden).view(batch, n, -1, d)
+    k = self.k_proj(hidden).view(batch, n, -1, d)
+    v = self.v_proj(hidden).view(batch, n, -1, d)
+    out = _fused_attention(self, q, k, v, *ready)
+    if out is None:  # not expected after the checks above; the ordinary path, from the projections on
+        return cls_forward(self, *args, **kwargs)
     return self.o_proj(out.reshape(batch, n, -1)), None
 
 

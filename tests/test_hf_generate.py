@@ -155,21 +155,35 @@ def test_fused_decode_runs_lora_projections(tmp_path):
 
 
 def test_fused_decode_forward_survives_deepcopy_and_pickling(models, tmp_path):
-    """copy.deepcopy keeps the fused forward, bound to the copy (not to the original's weights); a model saved
-    whole with torch.save loads and generates the same tokens (with the class's forward)."""
+    """copy.deepcopy keeps the fused attention forward and the graphed decoder-layer forward, bound to the copy
+    (not to the original's weights); a model saved whole with torch.save loads and generates the same tokens (with
+    the classes' forwards)."""
     import copy
 
-    fl, _ = models["llama"]
+    from transformers import AutoModelForCausalLM
+
+    from hf_flash.patches import graphs
+
+    # a model of its own: after a StaticCache generate() on CUDA, transformers keeps a torch.compile'd call on the
+    # model (``_compiled_call``), which torch.save cannot pickle, whatever the attention
+    fl = AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="flashtri").to(DEVICE).eval()
+    fl.load_state_dict(models["llama"][0].state_dict())
     ids, mask = _prompt(1)
     kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     want = fl.generate(ids, attention_mask=mask, **kw)
     twin = copy.deepcopy(fl)
     fwd = twin.model.layers[0].self_attn.__dict__["forward"]
     assert fwd.__self__ is twin.model.layers[0].self_attn
+    layer_fwd = twin.model.layers[0].__dict__["forward"]
+    assert layer_fwd.__func__ is graphs._graphed_forward and layer_fwd.__self__ is twin.model.layers[0]
     with torch.no_grad():
         for p in twin.parameters():
             p.mul_(0.5)  # a copy with other weights must give other logits than the original
     assert not torch.equal(twin(ids, attention_mask=mask).logits, fl(ids, attention_mask=mask).logits)
+    # and a decode step of the copy (graphed on the GPU) reads the copy's weights
+    lkw = dict(kw, output_logits=True, return_dict_in_generate=True)
+    assert not torch.equal(twin.generate(ids, attention_mask=mask, **lkw).logits[-1],
+                           fl.generate(ids, attention_mask=mask, **lkw).logits[-1])
     path = tmp_path / "model.pt"
     torch.save(fl, path)
     loaded = torch.load(path, weights_only=False)
@@ -204,11 +218,11 @@ def test_decode_reads_the_cache_in_place(models, monkeypatch):
     seen = []
     real = kvcache.decode_attention
 
-    def spy(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args, heads_first=False):
+    def spy(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args, heads_first=False, **kw):
         # seen in the flash layout (batch, seq, heads, dim), whichever layout the call used
         flash = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if heads_first else (k_cache, v_cache)
         seen.append((*flash, dict(cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)))
-        return real(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args, heads_first=heads_first)
+        return real(q, k_cache, v_cache, cache_seqlens, cache_leftpad, *args, heads_first=heads_first, **kw)
 
     monkeypatch.setattr(kvcache, "decode_attention", spy)
     nxt = out.logits[:, -1:].argmax(-1)
