@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import collections
 import sys
+import threading
 import weakref
 
 import torch
+
+from torch.nn.modules import module as _torch_module
 
 from hf_flash.kernels import _launch
 from hf_flash.patches.registration import NAME
@@ -62,8 +65,8 @@ _GRAPHS_PER_LAYER = 4
 # counts for tests and benchmarks: "captured" graphs pairs, "replayed" steps, "eager" decode steps not replayed
 STATS: collections.Counter = collections.Counter()
 
-# the capture in progress (the host captures one layer at a time); read by patches.llama's fused forward
-_active = None
+# the capture in progress in this thread (``_state.active``); read by patches.llama's fused forward
+_state = threading.local()
 # the output buffers of graphs, by id: a layer given one of them as its input reads it in place
 _outputs: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 _warned: set = set()
@@ -184,8 +187,7 @@ _graphed_forward.__name__ = "forward"  # pickles as getattr(layer, "forward"): t
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as m
-
+    m = _torch_module
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
                 or getattr(m, "_global_forward_hooks_always_called", None))
 
@@ -299,8 +301,12 @@ class _Capture:
         return module.o_proj(rec.attn.view(batch, n, -1)), None
 
 
+def active():
+    """The :class:`_Capture` in progress in this thread, or None."""
+    return getattr(_state, "active", None)
+
+
 def _capture(layer, attn, hidden, kwargs, mode) -> _LayerGraphs:
-    global _active
     backend = _CudaBackend if mode == "cuda" else _Emulated
     rec = _LayerGraphs()
     rec.cls_forward = type(layer).forward
@@ -316,14 +322,14 @@ def _capture(layer, attn, hidden, kwargs, mode) -> _LayerGraphs:
     cap = _Capture(attn, rec, backend)
     with backend.stream(hidden.device):
         backend.begin(rec.a, rec.pool)
-        _active = cap
+        _state.active = cap
         try:
             out = rec.cls_forward(layer, rec.static_in, **kwargs)
         except BaseException:
-            _active = None
+            _state.active = None
             backend.abort(rec.b if cap.split else rec.a)
             raise
-        _active = None
+        _state.active = None
         if not cap.split:
             backend.abort(rec.a)
             raise RuntimeError("the layer's forward did not call its attention module's fused step")

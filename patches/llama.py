@@ -161,7 +161,7 @@ def _fused_forward(self, *args, **kwargs):
     """The module's forward; a decode step that qualifies runs fused (rotary + append in one kernel, then the
     split-KV kernels), everything else runs the class's forward."""
     hidden = kwargs.get("hidden_states") if not args else args[0]
-    cap = graphs._active
+    cap = graphs.active()
     if cap is not None and cap.attn is self:  # a decode graph being captured (patches/graphs.py)
         return cap.at_attention(self, hidden)
     cls_forward = type(self).forward
