@@ -16,7 +16,6 @@ its fake gives the output shapes), so the compiled graph holds one opaque node.
 from __future__ import annotations
 
 import collections
-import os
 
 import torch
 

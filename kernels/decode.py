@@ -848,8 +848,8 @@ class DecodePlan:
     options are the same (every layer of a model's decode step): the compiled kernels are launched directly
     with the call's q / k / v / lengths and a new output swapped into the recorded arguments, and the partials,
     their log-sum-exps and the log-sum-exp output live in the plan (reused call after call on the stream the plan
-    belongs to, so in stream order). What is left per call is one output allocation (none when the caller gives ``out``, of
-    the recorded shape, contiguous) and two launches.
+    belongs to, so in stream order). What is left per call is one output allocation (none when the
+    caller gives ``out``, of the recorded shape, contiguous) and two launches.
 
     Why: a 32-layer model makes this call 32 times per generated token, and on the GPU box the general launcher
     (argument handling, four allocations, two argument dicts of ~60 entries) cost ~350 us of host time per call
@@ -897,6 +897,39 @@ def plan_decode(q, k, v, *, softmax_scale: float, window_left: int, window_right
     return out, DecodePlan(launches, tuple(q.shape), q.dtype, q.device, labels)
 
 
+class AppendPlan:
+    """An :func:`append_kv` call with transformers' per-token rotary (``rope_per_token``, q rotated in place)
+    recorded once and replayed for calls of the same shapes, strides, dtypes and alignment: every layer of a
+    Llama-family decode step (patches/llama.py), whose cache buffers change shape only when they grow. One direct
+    launch instead of the ~40 arguments ``append_kv`` assembles per call."""
+
+    __slots__ = ("launch",)
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __call__(self, q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin):
+        call = {"q": q, "k": k_new, "v": v_new, "kc": k_cache, "vc": v_cache, "slots": cache_seqlens, "cos": cos,
+                "sin": sin}
+        self.launch.run(call, _launch.direct_launch_enabled() and _launch._no_hooks())
+        LAUNCHES["append_rotary"] += 1
+        LAUNCHES["append_plan"] += 1
+        return q
+
+
+def plan_append(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin):
+    """``append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, rotary_cos=cos, rotary_sin=sin,
+    rotary_interleaved=False, rope_per_token=True, q_out=q)`` run now, and an :class:`AppendPlan` that repeats
+    it for other tensors of the same layout (the caller keys plans by that layout)."""
+    record: list = []
+    append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, rotary_cos=cos, rotary_sin=sin,
+              rotary_interleaved=False, rope_per_token=True, q_out=q, record=record)
+    (fn, grid, args, kernel, opts), = record
+    roles = {"Q": "q", "Q_ROT": "q", "K_NEW": "k", "V_NEW": "v", "K": "kc", "V": "vc", "COS": "cos", "SIN": "sin",
+             "CACHE_SEQLENS": "slots", "BATCH_IDX": "slots", "BLOCK_TABLE": "slots"}
+    return AppendPlan(_Recorded(fn, grid, args, kernel, opts, roles))
+
+
 @functools.lru_cache(maxsize=16)
 def _pdl_capable(index: int) -> bool:
     return HAS_GDC and torch.cuda.get_device_capability(index)[0] >= 9
@@ -926,13 +959,13 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=None, rotary_sin=None,
               rotary_interleaved=True, q_pos_per_token=True, batch_idx=None, block_table=None,
-              rope_per_token=False, q_out=None):
+              rope_per_token=False, q_out=None, record: list | None = None):
     """Write k_new/v_new (batch, seqlen_new, nheads_k, d) into the cache at slots cache_seqlens[b] + i, in
     place, rotating them when cos/sin (seqlen_ro, rotary_dim / 2) are given; returns q rotated (a new tensor, or
     ``q_out``, which may be q itself) when cos/sin are given, else q. ``cache_seqlens`` (batch,) int32 on the
     device. ``rope_per_token``: cos/sin are transformers' (batch, seqlen, d) rows for these tokens (full width,
     non-interleaved rotate_half), not a table. Inputs are validated by the caller; a slot past the capacity is
-    skipped, never written out of bounds."""
+    skipped, never written out of bounds. ``record``: as in :func:`split_kv_forward` (see :class:`AppendPlan`)."""
     batch, seqlen_q, nheads, d = q.shape
     has_new = k_new is not None
     seqlen_new = k_new.shape[1] if has_new else 0
@@ -955,7 +988,8 @@ def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=No
     vn = v_new if has_new else q
     cos = rotary_cos if rotary_dim > 0 else dummy
     sin = rotary_sin if rotary_dim > 0 else dummy
-    _launch.launch(_append_rotary_kernel, (batch, tokens, heads), dict(
+    grid = (batch, tokens, heads)
+    args = dict(
         Q=q, Q_ROT=q_rot, K_NEW=kn, V_NEW=vn, K=k_cache, V=v_cache, COS=cos, SIN=sin, CACHE_SEQLENS=cache_seqlens,
         BATCH_IDX=batch_idx if batch_idx is not None else dummy, BLOCK_TABLE=block_table if paged else dummy,
         stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2),
@@ -973,6 +1007,9 @@ def append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, rotary_cos=No
         ROTARY_DIM=rotary_dim, INTERLEAVED=bool(rotary_interleaved), Q_POS_PER_TOKEN=bool(q_pos_per_token),
         HAS_NEW=has_new, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size, HEADDIM=d,
         BLOCK_D=max(16, next_pow2(d)), ROPE_PER_TOKEN=bool(rope_per_token) and rotary_dim > 0,
-    ), num_warps=1)
+    )
+    kernel = _launch.launch(_append_rotary_kernel, grid, args, num_warps=1)
+    if record is not None:
+        record.append((_append_rotary_kernel, grid, args, kernel, dict(num_warps=1, num_stages=1)))
     LAUNCHES["append_rotary" if rotary_dim > 0 else "append"] += 1
     return q_rot

@@ -17,8 +17,14 @@ rotates the query and the new key and writes the new K/V into the cache in one k
 kernels: 3 launches where transformers' path makes ~10 for the rotary, 2 for the cache append and 2 for the
 attention, a decode step's host time being what bounds ``generate()``. Everything else (prefill, training, other
 caches or cache dtypes, sliding windows, ``output_attentions``, attention dropout in train mode, torch.compile,
-``HF_FLASH_FUSED_DECODE=0``) runs the class's ``forward`` unchanged. A module whose ``forward`` someone else already replaced (accelerate's hooks) is left
-alone. ``copy.deepcopy`` of a model keeps the fused ``forward`` (bound to the copy); a model pickled whole
+``HF_FLASH_FUSED_DECODE=0``) runs the class's ``forward`` unchanged. A module whose ``forward`` someone else
+already replaced (accelerate's hooks) is left alone. The rotary + append launch replays a recorded
+:class:`~hf_flash.kernels.decode.AppendPlan` (one direct launch) once its layout was seen.
+
+Decode graphs (:mod:`hf_flash.patches.graphs`): the decoder layer around such a module replays the rest of its
+decode step (norms, projections, MLP, residuals) as two CUDA graphs, with this fused attention between them.
+
+``copy.deepcopy`` of a model keeps the fused ``forward`` (bound to the copy); a model pickled whole
 (``torch.save``) loads with the class's ``forward`` (not fused, still correct). transformers internals used
 (read in 5.17 and 5.24): the module's ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``head_dim``, ``scaling``,
 ``layer_idx`` (checked at install), the decoder layer passing ``hidden_states``, ``position_embeddings``,
@@ -34,7 +40,9 @@ import types
 
 import torch
 
+from hf_flash import kvcache
 from hf_flash.kernels import _launch
+from hf_flash.kernels import decode as dec
 from hf_flash.patches import graphs
 from hf_flash.patches._common import LayerPlan, apply, class_names
 from hf_flash.patches.attention import DECODE_MAX_QUERY, _decode_lengths
@@ -134,9 +142,6 @@ def _fused_attention(self, q, k, v, layer, cos, sin, mask, out=None):
     kernel, then split-KV over the layer's whole buffer. Returns the attention output (batch, n, heads, dim),
     written into ``out`` when given, or None where the cache cannot take the tokens in place (then nothing was
     written and the caller takes the ordinary path)."""
-    from hf_flash import kvcache
-    from hf_flash.kernels import decode as dec
-
     if k.dtype != layer.keys.dtype or q.dtype != k.dtype or v.dtype != k.dtype:  # a cache of another dtype
         return None
     room = layer.reserve(k.transpose(1, 2), v.transpose(1, 2))
@@ -146,8 +151,7 @@ def _fused_attention(self, q, k, v, layer, cos, sin, mask, out=None):
     batch, n = q.shape[0], q.shape[1]
     # (batch, capacity, kv heads, dim) views of the layer's buffers: the new tokens land at [start, start + n)
     k_buf, v_buf = kb.transpose(1, 2), vb.transpose(1, 2)
-    q = dec.append_kv(q, k, v, k_buf, v_buf, _device_ints(batch, start, q.device), rotary_cos=cos,
-                      rotary_sin=sin, rotary_interleaved=False, rope_per_token=True, q_out=q)
+    _append(q, k, v, k_buf, v_buf, _device_ints(batch, start, q.device), cos, sin)
     # the attention reads the whole buffer with the lengths on the device: its shape changes only when the buffer
     # grows, so every layer of every step replays one decode plan (a cache sliced to the current length is a new
     # signature at each step, whose first layer records a plan: ~0.6 ms of host time per step)
@@ -155,6 +159,31 @@ def _fused_attention(self, q, k, v, layer, cos, sin, mask, out=None):
     if seqlens is None:
         seqlens = _device_ints(batch, start + n, q.device)
     return kvcache.decode_attention(q, k_buf, v_buf, seqlens, leftpad, self.scaling, True, (-1, -1), 0.0, out=out)
+
+
+# append plans (kernels.decode.AppendPlan) by the call's layout: a decode step of a model uses one or two
+_append_plans: dict = {}
+
+
+def _append(q, k, v, k_buf, v_buf, slots, cos, sin):
+    """Rotate q (in place) and the new k, write k / v into the buffers at ``slots``: through a recorded plan when
+    this layout was seen before (one direct launch), else recorded now. ``HF_FLASH_DECODE_PLAN=0``: no plans."""
+    if _launch.env_get("HF_FLASH_DECODE_PLAN") == "0" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        dec.append_kv(q, k, v, k_buf, v_buf, slots, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False,
+                      rope_per_token=True, q_out=q)
+        return
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), k_buf.shape, k_buf.stride(), v_buf.shape,
+           v_buf.stride(), cos.shape, cos.stride(), sin.stride(), q.dtype, cos.dtype, q.device,
+           torch._C._cuda_getCurrentRawStream(q.device.index) if q.is_cuda else 0,
+           q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, k_buf.data_ptr() % 16, v_buf.data_ptr() % 16,
+           cos.data_ptr() % 16, sin.data_ptr() % 16, _launch.env_get("HF_FLASH_DIRECT_LAUNCH"))
+    plan = _append_plans.get(key)
+    if plan is not None:
+        plan(q, k, v, k_buf, v_buf, slots, cos, sin)
+        return
+    if len(_append_plans) >= 8:
+        _append_plans.clear()
+    _append_plans[key] = dec.plan_append(q, k, v, k_buf, v_buf, slots, cos, sin)
 
 
 def _fused_forward(self, *args, **kwargs):

@@ -100,6 +100,8 @@ def test_graphed_steps_match_sdpa_and_are_reused_across_calls(models, batch):
     _assert_same(got2, want)
     assert stats2["captured"] == 0, "the second call should replay the graphs of the first"
     assert stats2["replayed"] == layers * steps and launches2["split_kv"] == layers * steps
+    # a new cache of the same capacity: every rotary + append launch replays the plan recorded before
+    assert launches2["append_plan"] == launches2["append_rotary"] == layers * steps
 
 
 def test_graphs_follow_weights_replaced_or_changed_in_place(models):
