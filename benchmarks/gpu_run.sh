@@ -12,7 +12,7 @@
 # OUT_DIR defaults to benchmarks/results. --quick passes --quick to the benchmarks (a few points, files named
 # <name>_quick.*).
 # Test selection: PYTEST_ARGS (default "tests"), e.g. PYTEST_ARGS="tests/test_decode.py -k paged" (split on spaces);
-# PYTEST_WORKERS (default 8; 1 = one process) parallel pytest processes when pytest-xdist is installed.
+# PYTEST_WORKERS (default: one per 12 GiB of GPU memory, at most 8; 1 = one process) parallel pytest processes when pytest-xdist is installed.
 # Budgets (seconds): BUDGET_TESTS, BUDGET_CHECK, BUDGET_KERNELS, BUDGET_DECODE, BUDGET_E2E, BUDGET_DISTRIBUTED,
 # BUDGET_PROBES.
 set -uo pipefail
@@ -108,8 +108,12 @@ if want tests; then
     # On a fresh machine the suite is compile-bound (Triton builds each kernel variant on the CPU: ~8 s per test,
     # 37 tests in 293 s in the fifth session), so it runs in PYTEST_WORKERS processes (pytest-xdist, on the GPU
     # image) sharing the one GPU and Triton's on-disk cache.
+    # Default workers: one per 12 GiB of GPU memory, at most 8 (8 on an 80 GiB H100 ran the example scripts out of
+    # memory in the eighth session; 6 there, 8 on an H200).
+    WORKERS_DEFAULT=$(python -c "import torch; print(max(1, min(8, int(torch.cuda.get_device_properties(0).total_memory / 2**30 // 12))))")
+    WORKERS="${PYTEST_WORKERS:-$WORKERS_DEFAULT}"
     PYTEST_XDIST_ARG=""
-    python -c "import xdist" >/dev/null 2>&1 && [ "${PYTEST_WORKERS:-8}" -gt 1 ] && PYTEST_XDIST_ARG="-n ${PYTEST_WORKERS:-8}"
+    python -c "import xdist" >/dev/null 2>&1 && [ "$WORKERS" -gt 1 ] && PYTEST_XDIST_ARG="-n $WORKERS"
     # shellcheck disable=SC2086
     run_stage tests python -m pytest -q -p no:cacheprovider --durations=15 $PYTEST_TIMEOUT_ARG $PYTEST_XDIST_ARG \
         --junitxml="$OUT_DIR/logs/pytest.xml" ${PYTEST_ARGS:-tests}

@@ -41,6 +41,7 @@ transformers internals used (read in 5.17 and 5.24): the decoder layers of ``LAY
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import threading
 import weakref
@@ -61,6 +62,7 @@ _CHILDREN = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _KWARGS = frozenset({"attention_mask", "position_ids", "past_key_values", "cache", "use_cache", "cache_position",
                      "position_embeddings"})
 _GRAPHS_PER_LAYER = 4
+_CLEAR_WORKSPACES = True  # see _CudaBackend.own_workspaces (False only to measure what it prevents)
 
 # counts for tests and benchmarks: "captured" graphs pairs, "replayed" steps, "eager" decode steps not replayed
 STATS: collections.Counter = collections.Counter()
@@ -320,7 +322,7 @@ def _capture(layer, attn, hidden, kwargs, mode) -> _LayerGraphs:
     rec.pool = backend.pool()
     rec.a, rec.b = backend.graph(), backend.graph()
     cap = _Capture(attn, rec, backend)
-    with backend.stream(hidden.device):
+    with backend.stream(hidden.device), backend.own_workspaces():
         backend.begin(rec.a, rec.pool)
         _state.active = cap
         try:
@@ -359,6 +361,23 @@ class _CudaBackend:
         if s is None:
             s = cls._streams[device] = torch.cuda.Stream(device)
         return _OnStream(s)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def own_workspaces():
+        """cuBLAS keeps a workspace per (handle, stream), made at first use: one made during a capture lives in
+        that capture's pool and its address is baked into the graph. Dropping the cached workspaces before and after
+        the capture (as torch.compile's CUDA-graph trees do) gives each layer's graphs a workspace of their own
+        pool, which outlives them, and leaves no other code (another capture, eager calls, compiled graphs that
+        drop the workspaces themselves) sharing or freeing it."""
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None) if _CLEAR_WORKSPACES else None
+        if clear is not None:
+            clear()
+        try:
+            yield
+        finally:
+            if clear is not None:
+                clear()
 
     @staticmethod
     def begin(g, pool):
@@ -426,8 +445,10 @@ class _Emulated:
 
     @staticmethod
     def stream(device):
-        import contextlib
+        return contextlib.nullcontext()
 
+    @staticmethod
+    def own_workspaces():
         return contextlib.nullcontext()
 
     @staticmethod
