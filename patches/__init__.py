@@ -4,6 +4,7 @@
   touches transformers' internals, behind a version check);
 * :mod:`~hf_flash.patches.attention`: the attention function with transformers' signature;
 * :mod:`~hf_flash.patches.cache`: DynamicCache layers of the decode families grow in place during decoding;
+* :mod:`~hf_flash.patches.graphs`: Llama-family decoder layers replay their decode steps as CUDA graphs;
 * :mod:`~hf_flash.patches.gpt2`, :mod:`~hf_flash.patches.llama`: per-family plans, applied automatically to
   models loaded with "flashtri" and by hand with :func:`patch_gpt2` / :func:`patch_llama`.
 
@@ -17,7 +18,8 @@ GPT-2               training (attn_pdrop in the kernel, scale_attn_weights, scal
 Llama/Mistral/Qwen2 training with GQA, RoPE, sliding window; padded and packed batches; generate() with
                     split-KV decoding on DynamicCache/StaticCache, left-padded batches without per-step gathers,
                     DynamicCache layers that grow in place (no per-token torch.cat), decode steps that rotate q/k
-                    and append K/V in one kernel (DynamicCache)
+                    and append K/V in one kernel (DynamicCache), the rest of each decoder layer's decode step
+                    replayed as CUDA graphs around that attention (:mod:`~hf_flash.patches.graphs`)
 other models        the generic path (dense, padded, packed, 4-D masks as attn_bias, softcap, sliding window);
                     attention sinks (s_aux) rejected; decode through the generic varlen/dense kernels
 ==================  ==========================================================================================

@@ -1,7 +1,7 @@
 """Registration of ``attn_implementation="flashtri"`` with transformers: with :mod:`hf_flash.patches.cache` (the
-DynamicCache layers that grow in place) and the fused decode step of :mod:`hf_flash.patches.llama`, two
-optimisations that leave transformers' behaviour as it is when its internals differ, the only module of hf_flash
-that touches transformers' internals.
+DynamicCache layers that grow in place), the fused decode step of :mod:`hf_flash.patches.llama` and the decode
+graphs of :mod:`hf_flash.patches.graphs`, three optimisations that leave transformers' behaviour as it is when its
+internals differ, the only module of hf_flash that touches transformers' internals.
 
 What it does, each step idempotent:
 
