@@ -112,7 +112,6 @@ def install_from_call(attn: torch.nn.Module) -> bool:
     return False
 
 
-
 def _mode() -> str | None:
     value = _launch.env_get(ENV)
     if value == "0":
