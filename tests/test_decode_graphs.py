@@ -96,6 +96,12 @@ def test_graphed_steps_match_sdpa_and_are_reused_across_calls(models, batch):
     assert stats["captured"] == layers and stats["eager"] == 0
     assert stats["replayed"] == layers * steps
     assert launches["append_rotary"] == layers * steps and launches["split_kv"] == layers * steps
+    recs = [r for layer in fl.model.layers for r in graphs._GRAPHS[layer].values()]
+    kind = torch.cuda.CUDAGraph if ON_GPU else graphs._EmulatedGraph
+    assert recs and all(isinstance(r.a, kind) and isinstance(r.b, kind) for r in recs)
+    # layer i + 1 reads layer i's output buffer in place: a step copies the hidden state once, into layer 0
+    by_key = [graphs._GRAPHS[layer][next(reversed(graphs._GRAPHS[layer]))] for layer in fl.model.layers]
+    assert all(nxt.static_in is prev.out for prev, nxt in zip(by_key, by_key[1:]))
     got2, stats2, launches2 = _generate(fl, ids, mask)
     _assert_same(got2, want)
     assert stats2["captured"] == 0, "the second call should replay the graphs of the first"
@@ -197,3 +203,21 @@ def test_copied_model_captures_its_own_graphs(models):
     got, stats, _ = _generate(twin, ids, mask)
     _assert_same(got, want)
     assert stats["captured"] == S["layers"]
+
+
+def test_patch_llama_by_hand_installs_the_graphed_layers():
+    """A model loaded with another implementation and switched with hf_flash.patch_llama gets the fused attention
+    and the graphed decoder layers at once (found from the model, not from a first call), and decodes through them."""
+    from transformers import AutoModelForCausalLM
+
+    _, sdpa = _models()
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(sdpa.config), attn_implementation="sdpa")
+    model.load_state_dict(sdpa.state_dict())
+    model = hf_flash.patch_llama(model.to(DEVICE).eval())
+    for layer in model.model.layers:
+        assert layer.__dict__["forward"].__func__ is graphs._graphed_forward
+    ids, mask = _prompt(3)
+    want = sdpa.generate(ids, attention_mask=mask, **KW)
+    got, stats, _ = _generate(model, ids, mask)
+    _assert_same(got, want)
+    assert stats["captured"] == S["layers"] and stats["replayed"] == S["layers"] * (S["new"] - 1)
