@@ -920,10 +920,13 @@ class AppendPlan:
 def plan_append(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin):
     """``append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, rotary_cos=cos, rotary_sin=sin,
     rotary_interleaved=False, rope_per_token=True, q_out=q)`` run now, and an :class:`AppendPlan` that repeats
-    it for other tensors of the same layout (the caller keys plans by that layout)."""
+    it for other tensors of the same layout (the caller keys plans by that layout), or None where nothing was
+    launched (no tokens)."""
     record: list = []
     append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, rotary_cos=cos, rotary_sin=sin,
               rotary_interleaved=False, rope_per_token=True, q_out=q, record=record)
+    if not record:
+        return None
     (fn, grid, args, kernel, opts), = record
     roles = {"Q": "q", "Q_ROT": "q", "K_NEW": "k", "V_NEW": "v", "K": "kc", "V": "vc", "COS": "cos", "SIN": "sin",
              "CACHE_SEQLENS": "slots", "BATCH_IDX": "slots", "BLOCK_TABLE": "slots"}

@@ -181,9 +181,11 @@ def _append(q, k, v, k_buf, v_buf, slots, cos, sin):
     if plan is not None:
         plan(q, k, v, k_buf, v_buf, slots, cos, sin)
         return
-    if len(_append_plans) >= 8:
-        _append_plans.clear()
-    _append_plans[key] = dec.plan_append(q, k, v, k_buf, v_buf, slots, cos, sin)
+    plan = dec.plan_append(q, k, v, k_buf, v_buf, slots, cos, sin)
+    if plan is not None:
+        if len(_append_plans) >= 8:
+            _append_plans.clear()
+        _append_plans[key] = plan
 
 
 def _fused_forward(self, *args, **kwargs):
