@@ -221,3 +221,23 @@ def test_patch_llama_by_hand_installs_the_graphed_layers():
     got, stats, _ = _generate(model, ids, mask)
     _assert_same(got, want)
     assert stats["captured"] == S["layers"] and stats["replayed"] == S["layers"] * (S["new"] - 1)
+
+
+def test_emulated_graph_replays_recorded_calls_without_python():
+    """The CPU stand-in for a CUDA graph: a replay repeats the ATen calls recorded at capture on the same tensors
+    (inputs read anew, outputs written into the tensors the capture produced), and nothing else: Python values
+    read at capture stay as they were, as in a CUDA graph."""
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8)
+    scale = [2.0]
+    g = graphs._EmulatedGraph()
+    graphs._Emulated.begin(g, None)
+    y = torch.relu(x @ w) * scale[0]
+    z = y.sum(-1)
+    graphs._Emulated.end(g)
+    assert g.calls, "the capture should have recorded the calls"
+    x.copy_(torch.randn(4, 8))
+    scale[0] = 5.0  # a Python value: not seen by the replay
+    g.replay()
+    torch.testing.assert_close(y, torch.relu(x @ w) * 2.0)
+    torch.testing.assert_close(z, (torch.relu(x @ w) * 2.0).sum(-1))
