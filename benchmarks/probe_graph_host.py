@@ -26,19 +26,7 @@ import torch  # noqa: E402
 
 from hf_flash.bench import e2e  # noqa: E402
 from hf_flash.patches import graphs  # noqa: E402
-
-
-def _loop(model, cache, tok, steps, key, context):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(steps):
-            tok = model(tok, use_cache=True, logits_to_keep=1, **{key: cache}).logits[:, -1:].argmax(-1)
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    cache.crop(context)
-    return (t1 - t0) * 1e3 / steps, (t2 - t0) * 1e3 / steps
+from probe_generate import timed_steps  # noqa: E402 - beside this script
 
 
 def main():
@@ -80,8 +68,8 @@ def main():
     for mode in ("on", "off", "on", "off"):
         if mode == "off":
             os.environ["HF_FLASH_DECODE_GRAPHS"] = "0"
-        _loop(model, loop_cache, tok, 4, key, args.context)  # warm-up (captures when on)
-        host, wall = _loop(model, loop_cache, tok, args.steps, key, args.context)
+        timed_steps(model, loop_cache, tok, 4, key, args.context)  # warm-up (captures when on)
+        host, wall = timed_steps(model, loop_cache, tok, args.steps, key, args.context)
         os.environ.pop("HF_FLASH_DECODE_GRAPHS", None)
         rows.append({"graphs": mode, "host_ms_per_step": host, "wall_ms_per_step": wall,
                      "host_us_per_layer": host * 1e3 / args.layers})
@@ -90,7 +78,7 @@ def main():
 
     prof = cProfile.Profile()
     prof.enable()
-    _loop(model, loop_cache, tok, args.steps, key, args.context)
+    timed_steps(model, loop_cache, tok, args.steps, key, args.context)
     prof.disable()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)

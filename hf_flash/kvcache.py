@@ -26,6 +26,7 @@ from hf_flash.kernels import decode as _dec
 __all__ = [
     "flash_attn_with_kvcache",
     "decode_attention",
+    "append_rotary_per_token",
     "split_kv_attention",
     "paged_varlen_prefill",
     "num_splits_heuristic",
@@ -363,6 +364,40 @@ def _into(out, result):
         return result
     out.copy_(result)
     return out
+
+
+# Append plans (kernels.decode.AppendPlan) by call layout: a model's fused decode step makes one or two.
+_APPEND_PLANS: dict = {}
+_APPEND_PLAN_SLOTS = 8
+
+
+def append_rotary_per_token(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin) -> None:
+    """``append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, rotary_cos=cos, rotary_sin=sin,
+    rotary_interleaved=False, rope_per_token=True, q_out=q)``: q rotated in place, the new k rotated and k / v
+    written at ``cache_seqlens``, with transformers' per-token (batch, seqlen, headdim) cos / sin. For callers whose
+    tensors are consistent by construction (the Llama-family fused decode step, patches/llama.py), as
+    :func:`decode_attention`: the first call of a layout records a :class:`~hf_flash.kernels.decode.AppendPlan`,
+    the others replay it (one direct launch). ``HF_FLASH_DECODE_PLAN=0``, or a CUDA graph being captured: the
+    general launcher."""
+    env = _env_key()
+    if env[0] == "0" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _dec.append_kv(q, k_new, v_new, k_cache, v_cache, cache_seqlens, rotary_cos=cos, rotary_sin=sin,
+                       rotary_interleaved=False, rope_per_token=True, q_out=q)
+        return
+    stream = torch._C._cuda_getCurrentRawStream(q.device.index) if q.is_cuda else 0
+    key = (q.shape, q.stride(), k_new.shape, k_new.stride(), v_new.stride(), k_cache.shape, k_cache.stride(),
+           v_cache.shape, v_cache.stride(), cos.shape, cos.stride(), sin.stride(), q.dtype, cos.dtype, q.device,
+           stream, q.data_ptr() % 16, k_new.data_ptr() % 16, v_new.data_ptr() % 16, k_cache.data_ptr() % 16,
+           v_cache.data_ptr() % 16, cos.data_ptr() % 16, sin.data_ptr() % 16, _opt_key(cache_seqlens), env)
+    plan = _APPEND_PLANS.get(key)
+    if plan is not None:
+        plan(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin)
+        return
+    plan = _dec.plan_append(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin)
+    if plan is not None:
+        if len(_APPEND_PLANS) >= _APPEND_PLAN_SLOTS:
+            _APPEND_PLANS.clear()
+        _APPEND_PLANS[key] = plan
 
 
 def split_kv_attention(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,

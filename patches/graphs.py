@@ -132,16 +132,17 @@ def _graphed_forward(self, *args, **kwargs):
             or (hidden.is_cuda and torch.cuda.is_current_stream_capturing())):
         return cls_forward(self, *args, **kwargs)
     attn = self._modules["self_attn"]
-    if getattr(attn.config, "_attn_implementation", None) != NAME:  # the model was switched to another one
+    # the attention must run the fused step (installed where the module has what it uses), for "flashtri"
+    if (getattr(attn.__dict__.get("forward"), "__func__", None) is not llama._fused_forward
+            or getattr(attn.config, "_attn_implementation", None) != NAME):
         return cls_forward(self, *args, **kwargs)
-    ready = llama._fused_inputs(attn, hidden, kwargs) if hasattr(attn, "q_proj") else None
+    ready = llama._fused_inputs(attn, hidden, kwargs)
     if ready is None and getattr(attn, "_hf_flash_cache_hook", False):
         # the attention's pre-hook makes the cache layer grow in place at its first call with a cache layer
         # (transformers 5.24 makes the layers at the prefill's first update, after the hook ran): do it now
         cache._pre_hook(attn, (), kwargs)
         ready = llama._fused_inputs(attn, hidden, kwargs)
-    if (ready is None or getattr(attn.__dict__.get("forward"), "__func__", None) is not llama._fused_forward
-            or torch.is_autocast_enabled(hidden.device.type) or _global_hooks() or _collecting()):
+    if ready is None or torch.is_autocast_enabled(hidden.device.type) or _global_hooks() or _collecting():
         STATS["eager"] += 1 if ready is not None else 0
         return cls_forward(self, *args, **kwargs)
     batch, n = hidden.shape[0], hidden.shape[1]

@@ -42,7 +42,6 @@ import torch
 
 from hf_flash import kvcache
 from hf_flash.kernels import _launch
-from hf_flash.kernels import decode as dec
 from hf_flash.patches import graphs
 from hf_flash.patches._common import LayerPlan, apply, class_names
 from hf_flash.patches.attention import DECODE_MAX_QUERY, _decode_lengths
@@ -151,7 +150,7 @@ def _fused_attention(self, q, k, v, layer, cos, sin, mask, out=None):
     batch, n = q.shape[0], q.shape[1]
     # (batch, capacity, kv heads, dim) views of the layer's buffers: the new tokens land at [start, start + n)
     k_buf, v_buf = kb.transpose(1, 2), vb.transpose(1, 2)
-    _append(q, k, v, k_buf, v_buf, _device_ints(batch, start, q.device), cos, sin)
+    kvcache.append_rotary_per_token(q, k, v, k_buf, v_buf, _device_ints(batch, start, q.device), cos, sin)
     # the attention reads the whole buffer with the lengths on the device: its shape changes only when the buffer
     # grows, so every layer of every step replays one decode plan (a cache sliced to the current length is a new
     # signature at each step, whose first layer records a plan: ~0.6 ms of host time per step)
@@ -159,33 +158,6 @@ def _fused_attention(self, q, k, v, layer, cos, sin, mask, out=None):
     if seqlens is None:
         seqlens = _device_ints(batch, start + n, q.device)
     return kvcache.decode_attention(q, k_buf, v_buf, seqlens, leftpad, self.scaling, True, (-1, -1), 0.0, out=out)
-
-
-# append plans (kernels.decode.AppendPlan) by the call's layout: a decode step of a model uses one or two
-_append_plans: dict = {}
-
-
-def _append(q, k, v, k_buf, v_buf, slots, cos, sin):
-    """Rotate q (in place) and the new k, write k / v into the buffers at ``slots``: through a recorded plan when
-    this layout was seen before (one direct launch), else recorded now. ``HF_FLASH_DECODE_PLAN=0``: no plans."""
-    if _launch.env_get("HF_FLASH_DECODE_PLAN") == "0" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        dec.append_kv(q, k, v, k_buf, v_buf, slots, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False,
-                      rope_per_token=True, q_out=q)
-        return
-    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), k_buf.shape, k_buf.stride(), v_buf.shape,
-           v_buf.stride(), cos.shape, cos.stride(), sin.stride(), q.dtype, cos.dtype, q.device,
-           torch._C._cuda_getCurrentRawStream(q.device.index) if q.is_cuda else 0,
-           q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, k_buf.data_ptr() % 16, v_buf.data_ptr() % 16,
-           cos.data_ptr() % 16, sin.data_ptr() % 16, _launch.env_get("HF_FLASH_DIRECT_LAUNCH"))
-    plan = _append_plans.get(key)
-    if plan is not None:
-        plan(q, k, v, k_buf, v_buf, slots, cos, sin)
-        return
-    plan = dec.plan_append(q, k, v, k_buf, v_buf, slots, cos, sin)
-    if plan is not None:
-        if len(_append_plans) >= 8:
-            _append_plans.clear()
-        _append_plans[key] = plan
 
 
 def _fused_forward(self, *args, **kwargs):

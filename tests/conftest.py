@@ -66,3 +66,14 @@ def subprocess_env(env: dict) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(hf_flash.__file__)))
     old = env.get("PYTHONPATH", "")
     return dict(env, PYTHONPATH=root + (os.pathsep + old if old else ""))
+
+
+def left_padded_prompt(batch: int, length: int, vocab: int, step: int, first: int):
+    """(input_ids, attention_mask) of random tokens in [3, vocab) on DEVICE, seeded by ``batch``; row b > 0 is
+    left-padded (token 0, mask 0) over its first ``step * b + first`` positions, so every row pads differently."""
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        mask[b, : step * b + first] = 0
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import left_padded_prompt
 import hf_flash  # noqa: F401 - registers "flashtri"
 from hf_flash.kernels import decode as kdec
 from hf_flash.patches import graphs
@@ -57,12 +58,7 @@ def models():
 
 
 def _prompt(batch: int):
-    g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, VOCAB, (batch, S["prompt"]), generator=g)
-    mask = torch.ones_like(ids)
-    for b in range(1, batch):  # left padding, different per row
-        mask[b, : 7 * b + 3] = 0
-    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+    return left_padded_prompt(batch, S["prompt"], VOCAB, step=7, first=3)
 
 
 KW = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0, output_logits=True,

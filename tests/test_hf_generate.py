@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import left_padded_prompt
 import hf_flash  # noqa: F401 - registers "flashtri"
 from hf_flash.kernels import attention as kattn
 from hf_flash.kernels import decode as kdec
@@ -60,12 +61,7 @@ def models(tmp_path_factory):
 
 
 def _prompt(batch: int):
-    g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, VOCAB, (batch, S["prompt"]), generator=g)
-    mask = torch.ones_like(ids)
-    for b in range(1, batch):  # left padding, different per row
-        mask[b, : 9 * b + 4] = 0
-    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+    return left_padded_prompt(batch, S["prompt"], VOCAB, step=9, first=4)
 
 
 def _counts():
