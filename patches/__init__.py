@@ -5,6 +5,7 @@
 * :mod:`~hf_flash.patches.attention`: the attention function with transformers' signature;
 * :mod:`~hf_flash.patches.cache`: DynamicCache layers of the decode families grow in place during decoding;
 * :mod:`~hf_flash.patches.graphs`: Llama-family decoder layers replay their decode steps as CUDA graphs;
+* :mod:`~hf_flash.patches.flat`: their projections and MLP run batch-1 decode steps through the flat GEMM;
 * :mod:`~hf_flash.patches.gpt2`, :mod:`~hf_flash.patches.llama`: per-family plans, applied automatically to
   models loaded with "flashtri" and by hand with :func:`patch_gpt2` / :func:`patch_llama`.
 
@@ -19,7 +20,8 @@ Llama/Mistral/Qwen2 training with GQA, RoPE, sliding window; padded and packed b
                     split-KV decoding on DynamicCache/StaticCache, left-padded batches without per-step gathers,
                     DynamicCache layers that grow in place (no per-token torch.cat), decode steps that rotate q/k
                     and append K/V in one kernel (DynamicCache), the rest of each decoder layer's decode step
-                    replayed as CUDA graphs around that attention (:mod:`~hf_flash.patches.graphs`)
+                    replayed as CUDA graphs around that attention (:mod:`~hf_flash.patches.graphs`), batch-1
+                    decode projections and MLP (gate + up fused) through a flat GEMM (:mod:`~hf_flash.patches.flat`)
 other models        the generic path (dense, padded, packed, 4-D masks as attn_bias, softcap, sliding window);
                     attention sinks (s_aux) rejected; decode through the generic varlen/dense kernels
 ==================  ==========================================================================================

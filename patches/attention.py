@@ -125,19 +125,20 @@ def plan_for(module: torch.nn.Module) -> LayerPlan:
 
 def install_decode_path(module: torch.nn.Module, plan: LayerPlan, parent: torch.nn.Module | None = None) -> None:
     """What a plan with ``decode_with_cache`` adds to its module: DynamicCache layers that grow in place from the
-    next forward on (patches/cache.py) and, for the Llama family, the fused decode step (patches/llama.py) and
-    the decode graphs of its decoder layer (patches/graphs.py). ``parent``: that decoder layer; None when the
-    module is being set up at its first call, whose caller is the decoder layer."""
+    next forward on (patches/cache.py) and, for the Llama family, the fused decode step (patches/llama.py), the
+    decode graphs of its decoder layer (patches/graphs.py) and the flat GEMM of the layer's projections
+    (patches/flat.py). ``parent``: that decoder layer; None when the module is being set up at its first call,
+    whose caller is the decoder layer."""
     if not plan.decode_with_cache:
         return
-    from hf_flash.patches import cache, graphs, llama
+    from hf_flash.patches import cache, flat, graphs, llama
 
     cache.install(module)
     if plan.family == "llama" and llama.install_fused_decode(module):
-        if parent is None:
-            graphs.install_from_call(module)
-        else:
-            graphs.install(parent)
+        layer = parent if parent is not None else graphs.caller_layer(module)
+        if layer is not None:
+            graphs.install(layer)
+            flat.install(layer)
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:

@@ -53,7 +53,7 @@ from torch.nn.modules import module as _torch_module
 from hf_flash.kernels import _launch
 from hf_flash.patches.registration import NAME
 
-__all__ = ["install", "LAYER_CLASSES", "STATS", "ENV"]
+__all__ = ["install", "caller_layer", "LAYER_CLASSES", "STATS", "ENV"]
 
 ENV = "HF_FLASH_DECODE_GRAPHS"
 LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
@@ -98,18 +98,18 @@ def install(layer: torch.nn.Module) -> bool:
     return True
 
 
-def install_from_call(attn: torch.nn.Module) -> bool:
-    """``install`` on the decoder layer whose ``forward`` is calling ``attn`` now (found among the callers'
+def caller_layer(attn: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose ``forward`` is calling ``attn`` now as its ``self_attn`` (found among the callers'
     frames; used where the attention module is set up lazily, at its first call, without its parent)."""
     frame = sys._getframe(1)
     for _ in range(24):
         if frame is None:
-            return False
+            return None
         owner = frame.f_locals.get("self")
         if isinstance(owner, torch.nn.Module) and owner._modules.get("self_attn") is attn:
-            return install(owner)
+            return owner
         frame = frame.f_back
-    return False
+    return None
 
 
 def _mode() -> str | None:
@@ -197,7 +197,10 @@ def _global_hooks() -> bool:
 def _capturable(layer: torch.nn.Module, attn: torch.nn.Module, hidden: torch.Tensor) -> bool:
     """Whether the layer's computation is what a graph can hold: modules of torch.nn / transformers only, one
     dtype for the weights, the hidden state and the cache, no hooks inside the layer but hf_flash's cache hook on
-    the attention and transformers' output-capturing hooks (the layer's own hooks run outside its forward)."""
+    the attention and transformers' output-capturing hooks (the layer's own hooks run outside its forward), no
+    ``forward`` replaced on a submodule but hf_flash's (patches/flat.py)."""
+    from hf_flash.patches import flat
+
     for m in layer.modules():
         mod = type(m).__module__
         if not (mod.startswith("torch.nn") or mod.startswith("transformers.")):
@@ -207,7 +210,8 @@ def _capturable(layer: torch.nn.Module, attn: torch.nn.Module, hidden: torch.Ten
                                or not all(h is _cache_hook() or _transformers_hook(h)
                                           for h in m._forward_pre_hooks.values())):
             return False
-        if m is not layer and m is not attn and "forward" in m.__dict__:
+        fwd = m.__dict__.get("forward")
+        if m is not layer and m is not attn and fwd is not None and getattr(fwd, "__func__", None) not in flat.FORWARDS:
             return False
         for p in list(m._parameters.values()) + list(m._buffers.values()):
             if p is not None and (p.device != hidden.device or (p.is_floating_point() and p.dtype != hidden.dtype)):
