@@ -166,13 +166,19 @@ def _run(model, **kw):
 
 
 def test_install_covers_every_projection_and_the_mlp(models):
+    """A model made with "flashtri" gets the flat forwards at its first forward (where its attention modules are
+    set up), on the 7 projections and the MLP of every layer; an "sdpa" model gets none."""
     fl, sdpa = models
+    with torch.no_grad():
+        fl(_ids())
+        sdpa(_ids())
     for layer in fl.model.layers:
-        assert flat.install(layer) == 8  # 7 linears + the MLP, installed when the model was loaded
-        for m in (layer.self_attn.q_proj, layer.mlp.down_proj):
-            assert m.__dict__["forward"].__func__ is flat._flat_linear_forward
+        linears = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        assert all(m.__dict__["forward"].__func__ is flat._flat_linear_forward for m in linears)
         assert layer.mlp.__dict__["forward"].__func__ is flat._flat_mlp_forward
-    assert all("forward" not in layer.mlp.__dict__ for layer in sdpa.model.layers)
+        assert flat.install(layer) == 8  # idempotent
+    assert not any("forward" in m.__dict__ for m in sdpa.modules())
 
 
 def test_eager_decode_runs_the_flat_gemm(models, monkeypatch):
@@ -224,6 +230,36 @@ def test_lora_base_layer_keeps_the_flat_path(models):
     want, _, _ = _run(merged)
     _logits_close(got, want)
     assert launches["flat_gemm"] > 0
+
+
+def test_flat_forwards_follow_deepcopy_and_pickling(models, tmp_path):
+    """copy.deepcopy binds the flat forwards to the copy's modules (its own weights); a model saved whole with
+    torch.save loads with the classes' forwards and gives the same logits."""
+    fl, _ = models
+    with torch.no_grad():
+        fl(_ids())  # sets the patches up, if no test did before
+    twin = copy.deepcopy(fl)
+    for m in (twin.model.layers[0].self_attn.q_proj, twin.model.layers[-1].mlp):
+        assert m.__dict__["forward"].__self__ is m
+    with torch.no_grad():
+        twin.model.layers[0].mlp.up_proj.weight.mul_(-1.0)
+    x = torch.randn(1, 1, S["hidden"], device=DEVICE, dtype=DTYPE)
+    mlp, twin_mlp = fl.model.layers[0].mlp, twin.model.layers[0].mlp
+    before = dict(kfg.LAUNCHES)
+    with torch.no_grad():
+        a, b = mlp(x), twin_mlp(x)
+        ref = type(twin_mlp).forward(twin_mlp, x)
+    assert kfg.LAUNCHES["flat_gemm_gated"] - before["flat_gemm_gated"] == 2
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(b, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    path = tmp_path / "model.pt"
+    torch.save(fl, path)
+    loaded = torch.load(path, weights_only=False)
+    loaded_mlp = loaded.model.layers[0].mlp
+    assert loaded_mlp.forward.__func__ is type(loaded_mlp).forward  # a bound method pickles as getattr(m, "forward")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, fl(ids).logits)
 
 
 def test_dynamo_traces_the_flat_path(models):
