@@ -116,10 +116,14 @@ def _silu_classes() -> tuple:
 
 
 def _bare(m) -> bool:
-    """An ``nn.Linear`` without bias whose call is only its forward (no hooks), so the fused kernel may skip the
-    call. (Checked with types and hook dicts only: under torch.compile, dynamo traces this, and torch 2.11's
-    dynamo did not see the instance ``forward`` through ``__dict__`` as eager Python does.)"""
-    return type(m) is torch.nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
+    """An ``nn.Linear`` without bias whose call is only its forward, ours: no hooks, no ``forward`` replaced on the
+    instance by someone else. The fused kernel skips the call, so nothing may hang on it. Under torch.compile
+    the forward check is left out: torch 2.11's dynamo did not trace the instance ``forward`` through
+    ``__dict__`` as eager Python does (the fused path never ran compiled); types and hook dicts trace."""
+    if type(m) is not torch.nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+        return False
+    return (torch.compiler.is_compiling()
+            or getattr(m.__dict__.get("forward"), "__func__", None) is _flat_linear_forward)
 
 
 def _flat_mlp_forward(self, x):

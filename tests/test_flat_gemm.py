@@ -214,6 +214,32 @@ def test_decode_graphs_hold_the_flat_gemm(models):
             assert sum(f is op for f, *_ in r.a.calls) == 3 and sum(f is op for f, *_ in r.b.calls) == 3
 
 
+def test_fused_mlp_steps_aside_for_hooks_and_replaced_forwards(models):
+    """The fused gate/up kernel skips the gate and up modules' calls, so a hook on one of them, or a forward
+    replaced on its instance, makes the MLP run its class's forward (which calls them)."""
+    fl, _ = models
+    with torch.no_grad():
+        fl(_ids())  # sets the patches up, if no test did before
+    mlp = copy.deepcopy(fl.model.layers[0].mlp)
+    x = torch.randn(1, 1, S["hidden"], device=DEVICE, dtype=DTYPE)
+
+    def run():
+        before = kfg.LAUNCHES["flat_gemm_gated"]
+        with torch.no_grad():
+            y = mlp(x)
+        return y, kfg.LAUNCHES["flat_gemm_gated"] - before
+
+    plain, fused = run()
+    assert fused == 1
+    handle = mlp.up_proj.register_forward_hook(lambda m, i, o: o * 2)
+    y, fused = run()
+    handle.remove()
+    assert fused == 0 and not torch.allclose(y, plain)
+    mlp.gate_proj.forward = lambda t: F.linear(t, mlp.gate_proj.weight) * 0  # silu(0) = 0: the output is zero
+    y, fused = run()
+    assert fused == 0 and torch.count_nonzero(y) == 0
+
+
 def test_lora_base_layer_keeps_the_flat_path(models):
     """PEFT wraps q/v in LoRA layers (not nn.Linear: no graphs, the wrapper's forward runs); their base layers are
     the original linears, whose flat forward still serves the single-row decode step."""
