@@ -201,11 +201,13 @@ class _Shapes:
             self.varlen = [1000, 1, 517, 2048]
             self.square = 1027
             self.cache_len, self.cache_seqlens = 4096, [4096, 1, 2000, 3333]
+            self.flat = (3001, 4096)
         else:  # the interpreter runs every program in numpy: keep it small but odd
             self.batch, self.seqlen_q, self.seqlen_k, self.nheads, self.nheads_k, self.headdim = 2, 37, 70, 4, 2, 40
             self.varlen = [37, 1, 20]
             self.square = 45
             self.cache_len, self.cache_seqlens = 80, [70, 13]
+            self.flat = (37, 100)
 
 
 def _check_cases(device, dtype, gen):
@@ -292,6 +294,23 @@ def _check_cases(device, dtype, gen):
             ref_low = attention_ref(q, k_cache, v_cache, key_padding_mask=mask, causal=True, upcast_dtype=None)[0]
         return _compare("out", out, ref32, ref_low, FWD_FACTOR, fl)
 
+    def flat_case():
+        import torch.nn.functional as F
+
+        from hf_flash.kernels.flat_gemm import flat_linear
+
+        n, kdim = sh.flat
+        x, w, u = (_rand(shape, dtype, device, gen) for shape in ((1, kdim), (n, kdim), (n, kdim)))
+        x32, w32, u32 = x.float(), w.float(), u.float()
+        with torch.no_grad():
+            got, got_gated = flat_linear(x, w), flat_linear(x, w, up_weight=u)
+            ref32 = x32 @ w32.t()
+            ref32_gated = F.silu(ref32) * (x32 @ u32.t())
+            low, low_gated = F.linear(x, w), F.silu(F.linear(x, w)) * F.linear(x, u)
+        results = [_compare("y", got, ref32, low, FWD_FACTOR, fl),
+                   _compare("gated", got_gated, ref32_gated, low_gated, FWD_FACTOR, fl)]
+        return all(r[0] for r in results), "  ".join(r[1] for r in results)
+
     sq_sq = sh.square
     return [
         (f"FA2 forward         (causal, GQA {h}/{hk}, s_q={sq} s_k={sk}, d={d})",
@@ -305,6 +324,7 @@ def _check_cases(device, dtype, gen):
          fwd_bwd_case("flash_attn_fa1_func", sq_sq, sq_sq, h, h, with_out=True)),
         (f"split-KV decode     (GQA {h}/{hk}, cache {sh.cache_len}, lengths {sh.cache_seqlens}, d={d})",
          decode_case),
+        (f"flat GEMM decode    (1 row, N={sh.flat[0]} K={sh.flat[1]}; plain, gate + up + SiLU fused)", flat_case),
     ]
 
 

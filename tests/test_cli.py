@@ -25,7 +25,8 @@ from hf_flash import cli
 from hf_flash.bench import common as C
 
 REPO = Path(__file__).resolve().parents[1]
-CHECK_ROWS = ("FA2 forward", "FA2 backward", "FA2 bwd determinist", "varlen fwd+bwd", "FA1 fwd+bwd", "split-KV decode")
+CHECK_ROWS = ("FA2 forward", "FA2 backward", "FA2 bwd determinist", "varlen fwd+bwd", "FA1 fwd+bwd", "split-KV decode",
+              "flat GEMM decode")
 
 
 def hf_flash_cmd(*args, env=None, timeout=300):
@@ -130,7 +131,8 @@ def test_check_on_cpu_sets_interpreter_itself():
     assert set(rows) == set(CHECK_ROWS), out
     for name, line in rows.items():
         assert ("pass" in line) or ("not available" in line), f"{name} failed:\n{out}"
-    for name in ("FA2 forward", "FA2 backward", "FA2 bwd determinist", "varlen fwd+bwd"):  # must run and pass
+    # must run and pass
+    for name in ("FA2 forward", "FA2 backward", "FA2 bwd determinist", "varlen fwd+bwd", "flat GEMM decode"):
         assert " pass " in rows[name], out
         assert "limit" in rows[name]  # the error measured is printed
     assert proc.returncode == 0, out + proc.stderr
