@@ -182,6 +182,8 @@ def flat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
         raise ValueError(f"flat_linear: out must be a ({m}, {n}) {x.dtype} tensor on {x.device} with unit stride "
                          f"along its last dimension, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if n == 0:
+        return out
     cfg = config or flat_config(m, n, k, x.element_size(), gated, x.device)
     w2 = up_weight if gated else weight
     grid = (cdiv(n, cfg["BLOCK_N"]),)

@@ -47,6 +47,15 @@ def test_flat_linear_matches_float64(m, n, k, dtype, bias, gated):
     check_close(f"flat_linear m={m} n={n} k={k}", got, ref, _torch(x, w, b, u))
 
 
+def test_flat_linear_empty_sizes():
+    """No output features: an empty result, no launch; no input features: the bias (or zeros)."""
+    x = torch.randn(2, 8, device=DEVICE)
+    assert kfg.flat_linear(x, torch.randn(0, 8, device=DEVICE)).shape == (2, 0)
+    b = torch.randn(5, device=DEVICE)
+    got = kfg.flat_linear(torch.randn(1, 0, device=DEVICE), torch.randn(5, 0, device=DEVICE), b)
+    torch.testing.assert_close(got, b[None])
+
+
 def test_flat_linear_writes_into_out_and_takes_strided_rows():
     x, w, b, _ = _data(8, 50, 70, torch.float32, True, False, seed=3)
     big = torch.randn(8, 90, device=DEVICE)
