@@ -46,7 +46,7 @@ from hf_flash.kernels._common import (
     seq_bounds,
 )
 from hf_flash.kernels import configs
-from hf_flash.kernels.configs import cdiv
+from hf_flash.kernels.configs import cdiv, dot_precision
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
 launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0, "bwd_dbias": 0}
@@ -639,14 +639,6 @@ def gqa_split(batch: int, nheads_k: int, group: int, n_blocks_k: int, device: to
     return s
 
 
-def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        return "interp-bf16"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _window_args(left: int, right: int):
     windowed = left >= 0 or right >= 0
     return (left if left >= 0 else UNBOUNDED), (right if right >= 0 else UNBOUNDED), windowed
@@ -706,7 +698,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=configs.padded_head_dim(head_dim),
         IS_VARLEN=varlen, WINDOWED=windowed, REVERSE_M=windowed and right == 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_TYPE=bias_type,
-        HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype, q.device),
+        HAS_DROPOUT=dropout_p > 0, DOT_PREC=dot_precision(q.dtype, q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launches["fwd"] += 1
@@ -760,7 +752,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         *lse_strides, nheads, max_seqlen_q, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_D=block_d, IS_VARLEN=varlen)
     common = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, IS_VARLEN=varlen,
                   WINDOWED=windowed, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_TYPE=bias_type,
-                  HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype, q.device), num_warps=cfg.num_warps,
+                  HAS_DROPOUT=dropout_p > 0, DOT_PREC=dot_precision(q.dtype, q.device), num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     scale_arg = _scale_arg(softmax_scale, softcap)
     ql, kl, vl, dol = (_Layout(t, varlen).strides() for t in (q, k, v, dout))

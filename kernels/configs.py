@@ -51,6 +51,16 @@ def num_sms(device: torch.device) -> int:
     return 16
 
 
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``DOT_PREC`` for the kernels' ``tl.dot`` calls (``_common.mma``): float32 follows torch's matmul precision
+    setting; "interp-bf16" is ``_common.mma``'s workaround for the interpreter's bfloat16 dot."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return "interp-bf16"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Head dims are padded to a power of two (at least 16, the tensor-core minimum) inside the kernels."""
     return max(16, next_pow2(head_dim))

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_flash.kernels.configs import cdiv, next_pow2, num_sms
+from hf_flash.kernels.configs import cdiv, dot_precision, next_pow2, num_sms
 
 from hf_flash.kernels import _launch
 from hf_flash.kernels._common import mma, tanh_f32
@@ -655,15 +655,6 @@ def decode_config(headdim: int, rows: int, device: torch.device, block_m: int | 
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
 
 
-def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    # float32 follows torch's matmul precision setting; "interp-bf16" is _common.mma's interpreter workaround
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        return "interp-bf16"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 # ----------------------------------------------------------------------------------------------- launchers
 
 def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, window_right: int = -1,
@@ -785,7 +776,7 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
         WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, FUSED=fused, HEADDIM=d, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype, q.device),
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=dot_precision(q.dtype, q.device),
         NUM_STAGES=cfg["num_stages"], COMB_M=comb_m, COMB_S=comb_s, BLOCK_S=block_s, PDL=pdl,
     )
     split_opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

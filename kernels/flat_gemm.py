@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from hf_flash.kernels import _launch
-from hf_flash.kernels.configs import cdiv
+from hf_flash.kernels._common import mma
+from hf_flash.kernels.configs import cdiv, dot_precision
 
 __all__ = ["flat_linear", "flat_config", "MAX_ROWS", "LAUNCHES"]
 
@@ -82,14 +83,9 @@ def _flat_gemm_kernel(X, W, W2, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_w
             if GATED:
                 w2 = tl.load(w2_ptrs, mask=kmask[None, :], other=0.0)
         if USE_DOT:
-            if DOT_PREC == "interp-bf16":  # the interpreter's bf16 dot is wrong; widen (exact products)
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-                if GATED:
-                    acc2 = tl.dot(x.to(tl.float32), tl.trans(w2.to(tl.float32)), acc2, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
-                if GATED:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision=DOT_PREC)
+            acc = mma(x, tl.trans(w), acc, DOT_PREC)
+            if GATED:
+                acc2 = mma(x, tl.trans(w2), acc2, DOT_PREC)
         else:
             xf = x.to(tl.float32)  # (1, BLOCK_K), broadcast over the BLOCK_N weight rows
             acc += w.to(tl.float32) * xf
@@ -126,14 +122,6 @@ def flat_config(m: int, n: int, k: int, itemsize: int, gated: bool, device: torc
         return dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=256 // itemsize, num_warps=8, num_stages=5)
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=1024 // itemsize, num_warps=4,
                 num_stages=2 if gated and itemsize == 4 else 3)
-
-
-def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        return "interp-bf16"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
 
 
 def _check(name: str, t: torch.Tensor, x: torch.Tensor, ndim: int):
@@ -192,7 +180,7 @@ def flat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         dict(X=x, W=weight, W2=w2, BIAS=bias if bias is not None else weight, Y=out, M=m, N=n, K=k,
              stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_w2n=w2.stride(0), stride_ym=out.stride(0),
              HAS_BIAS=bias is not None, GATED=gated, USE_DOT=cfg["BLOCK_M"] > 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
-             DOT_PREC=_dot_precision(x.dtype, x.device), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+             DOT_PREC=dot_precision(x.dtype, x.device), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
              BLOCK_K=cfg["BLOCK_K"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     LAUNCHES["flat_gemm_gated" if gated else "flat_gemm"] += 1

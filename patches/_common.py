@@ -12,6 +12,16 @@ def class_names(module: torch.nn.Module) -> set[str]:
     return {c.__name__ for c in type(module).__mro__}
 
 
+def stock_class(module: torch.nn.Module, names) -> type | None:
+    """The transformers class (of a ``transformers.models`` module, named in ``names``) among the module's bases
+    whose ``forward`` the module runs, or None: no such base, or a subclass overrides its ``forward`` (which may do
+    more than a patch that reproduces the stock one)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in names and cls.__module__.startswith("transformers.models."):
+            return cls if type(module).forward is cls.forward else None
+    return None
+
+
 def apply(model: torch.nn.Module, match, family: str) -> torch.nn.Module:
     """Switch ``model`` to "flashtri" if needed and set the plan of every attention module ``match`` accepts."""
     register()
@@ -33,4 +43,4 @@ def apply(model: torch.nn.Module, match, family: str) -> torch.nn.Module:
     return model
 
 
-__all__ = ["class_names", "apply", "LayerPlan"]
+__all__ = ["class_names", "stock_class", "apply", "LayerPlan"]

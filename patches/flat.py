@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from hf_flash.kernels import _launch
 from hf_flash.kernels import flat_gemm as _kern
 from hf_flash.patches import graphs
+from hf_flash.patches._common import stock_class
 
 __all__ = ["install", "FORWARDS", "ENV", "MLP_CLASSES", "ROWS"]
 
@@ -47,12 +48,17 @@ ROWS = 1
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
-@torch.library.custom_op("hf_flash::flat_linear", mutates_args=(), device_types=("cuda", "cpu"))
-def flat_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   up_weight: torch.Tensor | None) -> torch.Tensor:
+def _flat_nd(x, weight, bias, up_weight):
     """``x @ weight.T (+ bias)`` (or ``silu(...) * (x @ up_weight.T)``) over x's last dimension."""
     y = _kern.flat_linear(x.reshape(-1, x.shape[-1]), weight, bias, up_weight=up_weight)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("hf_flash::flat_linear", mutates_args=(), device_types=("cuda", "cpu"))
+def flat_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   up_weight: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_flat_nd` as an op that torch.compile keeps opaque."""
+    return _flat_nd(x, weight, bias, up_weight)
 
 
 @flat_linear_op.register_fake
@@ -65,8 +71,7 @@ def _flat(x, weight, bias=None, up_weight=None):
     # itself, without the op's dispatch (host time counts in an eager decode step)
     if torch.compiler.is_compiling() or graphs.active() is not None:
         return flat_linear_op(x, weight, bias, up_weight)
-    y = _kern.flat_linear(x.reshape(-1, x.shape[-1]), weight, bias, up_weight=up_weight)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _flat_nd(x, weight, bias, up_weight)
 
 
 def _enabled(x: torch.Tensor) -> bool:
@@ -147,13 +152,6 @@ def _global_hooks() -> bool:
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
-def _stock_mlp(module) -> bool:
-    for cls in type(module).__mro__:
-        if cls.__name__ in MLP_CLASSES and cls.__module__.startswith("transformers.models."):
-            return type(module).forward is cls.forward
-    return False
-
-
 def install(layer: torch.nn.Module) -> int:
     """Install the flat forwards on a decoder layer's attention projections and MLP (see the module docstring);
     idempotent. Returns how many modules have them. A module whose ``forward`` someone else replaced on the
@@ -176,7 +174,7 @@ def install(layer: torch.nn.Module) -> int:
     mlp = layer._modules.get("mlp")
     if mlp is not None:
         current = mlp.__dict__.get("forward")
-        if current is None and _stock_mlp(mlp):
+        if current is None and stock_class(mlp, MLP_CLASSES) is not None:
             mlp.forward = types.MethodType(_flat_mlp_forward, mlp)
             count += 1
         elif getattr(current, "__func__", None) is _flat_mlp_forward:

@@ -51,6 +51,7 @@ import torch
 from torch.nn.modules import module as _torch_module
 
 from hf_flash.kernels import _launch
+from hf_flash.patches._common import stock_class
 from hf_flash.patches.registration import NAME
 
 __all__ = ["install", "caller_layer", "LAYER_CLASSES", "STATS", "ENV"]
@@ -77,20 +78,13 @@ _warned: set = set()
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, collections.OrderedDict]" = weakref.WeakKeyDictionary()
 
 
-def _stock_layer(module: torch.nn.Module) -> bool:
-    for cls in type(module).__mro__:
-        if cls.__name__ in LAYER_CLASSES and cls.__module__.startswith("transformers.models."):
-            return type(module).forward is cls.forward
-    return False
-
-
 def install(layer: torch.nn.Module) -> bool:
     """Give a Llama-family decoder layer the graphed decode ``forward`` (see the module docstring); idempotent.
     False where it does not apply (another class, a subclass's forward, a forward replaced on the instance)."""
     current = layer.__dict__.get("forward")
     if current is not None:
         return getattr(current, "__func__", None) is _graphed_forward
-    if not _stock_layer(layer) or not all(c in layer._modules for c in _CHILDREN):
+    if stock_class(layer, LAYER_CLASSES) is None or not all(c in layer._modules for c in _CHILDREN):
         return False
     import types
 

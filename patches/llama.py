@@ -43,7 +43,7 @@ import torch
 from hf_flash import kvcache
 from hf_flash.kernels import _launch
 from hf_flash.patches import graphs
-from hf_flash.patches._common import LayerPlan, apply, class_names
+from hf_flash.patches._common import LayerPlan, apply, class_names, stock_class
 from hf_flash.patches.attention import DECODE_MAX_QUERY, _decode_lengths
 from hf_flash.patches.registration import NAME
 
@@ -67,15 +67,6 @@ def patch_llama(model: torch.nn.Module) -> torch.nn.Module:
 _USED = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config")
 
 
-def _stock_class(module: torch.nn.Module):
-    """The transformers class among ATTENTION_CLASSES whose ``forward`` the module runs, or None when a subclass
-    overrides it (its forward may do more than the fused step reproduces)."""
-    for cls in type(module).__mro__:
-        if cls.__name__ in ATTENTION_CLASSES and cls.__module__.startswith("transformers.models."):
-            return cls if type(module).forward is cls.forward else None
-    return None
-
-
 def install_fused_decode(module: torch.nn.Module) -> bool:
     """Give a Llama-family attention module the fused decode ``forward`` (see the module docstring); idempotent.
     False where it does not apply (another class's forward, or one already replaced on the instance)."""
@@ -83,7 +74,7 @@ def install_fused_decode(module: torch.nn.Module) -> bool:
     if current is not None:
         return getattr(current, "__func__", None) is _fused_forward
     # what the fused step uses of the module (transformers 5.17-5.24); a version that changed it keeps its forward
-    if _stock_class(module) is None or not all(hasattr(module, a) for a in _USED):
+    if stock_class(module, ATTENTION_CLASSES) is None or not all(hasattr(module, a) for a in _USED):
         return False
     module.forward = types.MethodType(_fused_forward, module)
     return True

@@ -77,3 +77,26 @@ def left_padded_prompt(batch: int, length: int, vocab: int, step: int, first: in
     for b in range(1, batch):
         mask[b, : step * b + first] = 0
     return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+
+
+def llama_pair(sizes: dict, vocab: int, seed: int, intermediate_size: int, dtype=torch.float32):
+    """(flashtri model, sdpa model) of one tiny random Llama from its config (``sizes``: hidden, layers, heads,
+    kv, head_dim, positions), the same weights in both, on DEVICE in ``dtype``, eval mode. Weight matrices are
+    scaled by 3 for sharper logits than the default init, so greedy choices are not near-ties."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=sizes["hidden"], intermediate_size=intermediate_size,
+                         num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
+                         num_key_value_heads=sizes["kv"], head_dim=sizes["head_dim"],
+                         max_position_embeddings=sizes["positions"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    fl = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="flashtri")
+    with torch.no_grad():
+        for p in fl.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    sdpa.load_state_dict(fl.state_dict())
+    return fl.to(DEVICE, dtype).eval(), sdpa.to(DEVICE, dtype).eval()

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import left_padded_prompt
+from conftest import left_padded_prompt, llama_pair
 import hf_flash  # noqa: F401 - registers "flashtri"
 from hf_flash.kernels import decode as kdec
 from hf_flash.patches import graphs
@@ -35,21 +35,7 @@ def _graphs_on(monkeypatch):
 
 
 def _models():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=S["hidden"], intermediate_size=2 * S["hidden"],
-                         num_hidden_layers=S["layers"], num_attention_heads=S["heads"], num_key_value_heads=S["kv"],
-                         head_dim=S["head_dim"], max_position_embeddings=S["positions"], pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(5)
-    fl = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="flashtri")
-    with torch.no_grad():  # sharper logits than the default init, so greedy choices are not near-ties
-        for p in fl.parameters():
-            if p.dim() >= 2:
-                p.mul_(3.0)
-    sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
-    sdpa.load_state_dict(fl.state_dict())
-    return fl.to(DEVICE).eval(), sdpa.to(DEVICE).eval()
+    return llama_pair(S, VOCAB, seed=5, intermediate_size=2 * S["hidden"])
 
 
 @pytest.fixture(scope="module")

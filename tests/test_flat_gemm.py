@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, check_close
+from conftest import DEVICE, ON_GPU, check_close, llama_pair
 import hf_flash  # noqa: F401 - registers "flashtri"
 from hf_flash.kernels import flat_gemm as kfg
 from hf_flash.patches import flat, graphs
@@ -125,21 +125,7 @@ def _flat_on(monkeypatch):
 
 @pytest.fixture(scope="module")
 def models():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=S["hidden"], intermediate_size=3 * S["hidden"] - 8,
-                         num_hidden_layers=S["layers"], num_attention_heads=S["heads"], num_key_value_heads=S["kv"],
-                         head_dim=S["head_dim"], max_position_embeddings=S["positions"], pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(11)
-    fl = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="flashtri")
-    with torch.no_grad():  # sharper logits than the default init, so greedy choices are not near-ties
-        for p in fl.parameters():
-            if p.dim() >= 2:
-                p.mul_(3.0)
-    sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
-    sdpa.load_state_dict(fl.state_dict())
-    return fl.to(DEVICE, DTYPE).eval(), sdpa.to(DEVICE, DTYPE).eval()
+    return llama_pair(S, VOCAB, seed=11, intermediate_size=3 * S["hidden"] - 8, dtype=DTYPE)
 
 
 KW = dict(max_new_tokens=S["new"], min_new_tokens=S["new"], do_sample=False, pad_token_id=0, output_logits=True,
