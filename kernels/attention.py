@@ -49,7 +49,9 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv, dot_precision
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-launches = {"fwd": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0, "bwd_dbias": 0}
+# "fwd" counts every forward, "fwd_gluon" those that ran kernels/gluon_attention.py's kernel.
+launches = {"fwd": 0, "fwd_gluon": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0,
+            "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -601,6 +603,24 @@ def _or(t, placeholder):
     return placeholder if t is None else t
 
 
+_GLUON = []
+
+
+def _gluon_forward():
+    """kernels/gluon_attention.py (the warp-specialised Hopper forward) when it can be used here, else None: not
+    under the interpreter, not with ``HF_FLASH_GLUON_FWD=0``, not with a Triton without Gluon's Hopper API (the
+    import is tried once)."""
+    if os.environ.get("HF_FLASH_GLUON_FWD", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if not _GLUON:
+        try:
+            from hf_flash.kernels import gluon_attention
+        except (ImportError, AttributeError):
+            gluon_attention = None
+        _GLUON.append(gluon_attention)
+    return _GLUON[0]
+
+
 def fused_dq_enabled() -> bool:
     """dQ from the dK/dV kernel: each key block's share of dQ is added into a float32 accumulator with atomics
     (FlashAttention-2's backward: 5 matrix products per tile pair instead of the 7 of a separate dQ pass, which
@@ -684,6 +704,17 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
         lse.fill_(float("inf"))
         return out, lse
     left, right, windowed = _window_args(window_left, window_right)
+    gluon = _gluon_forward()
+    other_window = windowed and (left != UNBOUNDED or right != 0)  # a window that is not plain causal
+    if gluon is not None and gluon.supported(
+            q, k, v, causal=windowed, varlen=varlen, has_bias=bias is not None, has_alibi=alibi_slopes is not None,
+            dropout_p=dropout_p, softcap=softcap, windowed_other_than_causal=other_window, seqlen_q=max_seqlen_q,
+            seqlen_k=max_seqlen_k):
+        # the warp-specialised Hopper forward (kernels/gluon_attention.py); same outputs and conventions
+        gluon.forward(q, k, v, windowed, softmax_scale, out, lse)
+        launches["fwd"] += 1
+        launches["fwd_gluon"] += 1
+        return out, lse
     bias_t, bias_type, bias_strides = _bias_args(bias)
     alibi_t, stride_ab = _alibi_args(alibi_slopes, q)
     cfg = configs.fwd_config(head_dim, q.dtype, q.device, max_seqlen_q, max_seqlen_k, batch * nheads)

@@ -1,0 +1,85 @@
+"""The warp-specialised Hopper forward (kernels/gluon_attention.py) against attention_ref, with its launch counted:
+odd lengths, GQA / MQA, batches, causal with seqlen_q < seqlen_k, the layouts transformers hands over (heads-major
+views, slices of a fused projection), both 16-bit dtypes, gradients through the Triton backward; and the cases it
+leaves to the Triton forward. Gluon has no CPU interpreter: on CPU only the dispatch is tested here, and CI compiles
+the kernel for sm_90 (test_compile_sm90.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_flash import flash_attn_func
+from hf_flash.kernels import attention as kern
+from conftest import DEVICE, ON_GPU
+from test_attention import compare_with_reference, make_qkv
+
+HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a CUDA GPU of capability 9.0 (H100 / H200)")
+
+# (batch, seqlen_q, seqlen_k, heads, kv heads, causal): lengths off every block size (64-row consumers, 128-key
+# blocks), one shorter than a block, one CTA's worth, and a long one
+CASES = [(1, 1000, 1000, 8, 2, True), (2, 257, 257, 4, 4, False), (3, 130, 390, 4, 1, True),
+         (1, 64, 64, 4, 4, True), (2, 300, 2000, 8, 8, False), (1, 4173, 4173, 32, 8, True),
+         (2, 1, 129, 4, 2, True)]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b%d-q%d-k%d-h%d/%d-%s" % (*c[:5], "causal" if c[5] else "full"))
+def test_gluon_forward_matches_reference(case, dtype):
+    b, sq, sk, h, hk, causal = case
+    q, k, v = make_qkv(b, sq, sk, h, hk, 128, dtype, seed=sq + sk)
+    before = kern.launches["fwd_gluon"]
+    compare_with_reference(q, k, v, causal=causal, grads=sq * sk < 5_000_000)
+    assert kern.launches["fwd_gluon"] == before + 1, "the Gluon forward did not run"
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["heads-major", "fused-qkv"])
+def test_gluon_forward_takes_strided_layouts(layout):
+    """transformers hands the attention (batch, seqlen, heads, dim) views of (batch, heads, seqlen, dim) tensors,
+    or slices of one fused projection: TMA reads them with their strides, no copy."""
+    b, s, h, hk, d = 2, 777, 8, 2, 128
+    g = torch.Generator(device="cpu").manual_seed(3)
+    if layout == "heads-major":
+        q, k, v = (torch.randn(b, n, s, d, generator=g).to(DEVICE, torch.bfloat16).transpose(1, 2)
+                   for n in (h, hk, hk))
+    else:
+        qkv = torch.randn(b, s, (h + 2 * hk) * d, generator=g).to(DEVICE, torch.bfloat16)
+        q, k, v = (t.view(b, s, -1, d) for t in qkv.split([h * d, hk * d, hk * d], dim=-1))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    before = kern.launches["fwd_gluon"]
+    compare_with_reference(q, k, v, causal=True)
+    assert kern.launches["fwd_gluon"] == before + 1
+
+
+@needs_hopper
+def test_other_calls_take_the_triton_forward(monkeypatch):
+    """Head dims other than 128, float32, windows, softcap, dropout, seqlen_q > seqlen_k under a causal mask and
+    HF_FLASH_GLUON_FWD=0 run the Triton forward, still correct."""
+    b, sq, sk = 1, 300, 300
+    for d, dtype, kw in [(64, torch.bfloat16, {}), (128, torch.float32, {}),
+                         (128, torch.bfloat16, {"window_size": (64, 0)}), (128, torch.bfloat16, {"softcap": 5.0})]:
+        q, k, v = make_qkv(b, sq, sk, 4, 2, d, dtype, seed=d)
+        before = dict(kern.launches)
+        compare_with_reference(q, k, v, causal=True, grads=False, **kw)
+        assert kern.launches["fwd_gluon"] == before["fwd_gluon"], (d, dtype, kw)
+    q, k, v = make_qkv(1, 400, 200, 4, 2, 128, torch.bfloat16, seed=9)
+    before = kern.launches["fwd_gluon"]
+    compare_with_reference(q, k, v, causal=True, grads=False)
+    assert kern.launches["fwd_gluon"] == before
+    monkeypatch.setenv("HF_FLASH_GLUON_FWD", "0")
+    q, k, v = make_qkv(1, 300, 300, 4, 2, 128, torch.bfloat16, seed=10)
+    compare_with_reference(q, k, v, causal=True, grads=False)
+    assert kern.launches["fwd_gluon"] == before
+
+
+def test_dispatch_declines_where_the_kernel_cannot_run():
+    """Off Hopper (and always under the CPU interpreter) every call takes the Triton forward."""
+    q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16, requires_grad=False)
+    before = kern.launches["fwd_gluon"]
+    out = flash_attn_func(q, k, v, causal=True)
+    assert torch.isfinite(out.float()).all()
+    if not HOPPER:
+        assert kern.launches["fwd_gluon"] == before
