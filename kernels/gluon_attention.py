@@ -236,10 +236,16 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
+def _strides(t: torch.Tensor) -> list:
+    # a dimension of size 1 is read at index 0 only, whatever its stride (a batch of 1 may carry any): give TMA a
+    # valid one
+    return [st if n > 1 else HEAD_DIM * 8 for st, n in zip(t.stride(), t.shape)]
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     # TMA: 16-byte aligned base, every stride but the last a multiple of 16 bytes, unit stride along the head dim
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]))
+    st = _strides(t)
+    return st[-1] == 1 and t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in st[:-1])
 
 
 def supported(q, k, v, *, causal: bool, varlen: bool, has_bias: bool, has_alibi: bool, dropout_p: float,
@@ -259,7 +265,7 @@ def supported(q, k, v, *, causal: bool, varlen: bool, has_bias: bool, has_alibi:
 
 
 def _desc(t: torch.Tensor, rows: int):
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, HEAD_DIM], smem_layout())
+    return TensorDescriptor(t, list(t.shape), _strides(t), [1, rows, 1, HEAD_DIM], smem_layout())
 
 
 def forward(q, k, v, causal: bool, softmax_scale: float, out: torch.Tensor, lse: torch.Tensor):

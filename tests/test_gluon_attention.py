@@ -36,18 +36,23 @@ def test_gluon_forward_matches_reference(case, dtype):
 
 
 @needs_hopper
-@pytest.mark.parametrize("layout", ["heads-major", "fused-qkv"])
+@pytest.mark.parametrize("layout", ["heads-major", "fused-qkv", "batch-1-odd-stride"])
 def test_gluon_forward_takes_strided_layouts(layout):
     """transformers hands the attention (batch, seqlen, heads, dim) views of (batch, heads, seqlen, dim) tensors,
-    or slices of one fused projection: TMA reads them with their strides, no copy."""
+    or slices of one fused projection: TMA reads them with their strides, no copy; a batch of 1 may carry any
+    batch stride."""
     b, s, h, hk, d = 2, 777, 8, 2, 128
     g = torch.Generator(device="cpu").manual_seed(3)
     if layout == "heads-major":
         q, k, v = (torch.randn(b, n, s, d, generator=g).to(DEVICE, torch.bfloat16).transpose(1, 2)
                    for n in (h, hk, hk))
-    else:
+    elif layout == "fused-qkv":
         qkv = torch.randn(b, s, (h + 2 * hk) * d, generator=g).to(DEVICE, torch.bfloat16)
         q, k, v = (t.view(b, s, -1, d) for t in qkv.split([h * d, hk * d, hk * d], dim=-1))
+    else:  # a batch of 1 whose batch stride TMA could not take (a dimension of size 1 is read at index 0 only)
+        q, k, v = (torch.randn(s, n, d, generator=g).to(DEVICE, torch.bfloat16).as_strided((1, s, n, d),
+                                                                                        (3, n * d, d, 1))
+                   for n in (h, hk, hk))
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     before = kern.launches["fwd_gluon"]
     compare_with_reference(q, k, v, causal=True)
