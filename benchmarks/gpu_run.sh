@@ -8,7 +8,7 @@
 # STAGES: comma-separated from tests,check,kernels,decode,e2e (the default), distributed (2+ GPUs, only when
 # named: --only distributed on a multi-GPU machine) and probes (only when named: the decode chain with PDL / fused
 # variants, the attention forward / backward variants and tile configs (wall and GPU time), a GPT-2 small training
-# step, the flat GEMM against cuBLAS, the generate() host-time ablation; see benchmarks/NOTES.md).
+# step, the flat GEMM against cuBLAS, the Hopper forwards (Gluon, Triton, cuDNN), the generate() host-time ablation; see benchmarks/NOTES.md).
 # OUT_DIR defaults to benchmarks/results. --quick passes --quick to the benchmarks (a few points, files named
 # <name>_quick.*).
 # Test selection: PYTEST_ARGS (default "tests"), e.g. PYTEST_ARGS="tests/test_decode.py -k paged" (split on spaces);
@@ -132,6 +132,7 @@ probes() {
     python benchmarks/probe_bwd_configs.py --out "$OUT_DIR/logs/probe_bwd_configs.json" &&
     python benchmarks/probe_gpt2_train.py --out "$OUT_DIR/logs/probe_gpt2_train.json" &&
     python benchmarks/probe_flat_gemm.py --out "$OUT_DIR/logs/probe_flat_gemm.json" &&
+    OUTDIR="$OUT_DIR/logs" python benchmarks/probe_gluon_fwd.py &&
     python benchmarks/probe_generate.py --ablation --layers 8 --context 4096 --steps 16 \
         --out "$OUT_DIR/logs/probe_ablation.json"
 }
