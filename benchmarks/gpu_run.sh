@@ -8,7 +8,8 @@
 # STAGES: comma-separated from tests,check,kernels,decode,e2e (the default), distributed (2+ GPUs, only when
 # named: --only distributed on a multi-GPU machine) and probes (only when named: the decode chain with PDL / fused
 # variants, the attention forward / backward variants and tile configs (wall and GPU time), a GPT-2 small training
-# step, the flat GEMM against cuBLAS, the Hopper forwards (Gluon, Triton, cuDNN), the generate() host-time ablation; see benchmarks/NOTES.md).
+# step, the flat GEMM against cuBLAS, the Hopper forwards (Gluon, Triton, cuDNN), the generate() host-time
+# ablation; see benchmarks/NOTES.md).
 # OUT_DIR defaults to benchmarks/results. --quick passes --quick to the benchmarks (a few points, files named
 # <name>_quick.*).
 # Test selection: PYTEST_ARGS (default "tests"), e.g. PYTEST_ARGS="tests/test_decode.py -k paged" (split on spaces);
@@ -17,7 +18,7 @@
 # BUDGET_PROBES.
 set -uo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 QUICK=""
 ONLY="tests,check,kernels,decode,e2e"
