@@ -32,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from hf_flash.kernels._common import (
     LOG2E,
@@ -604,21 +605,39 @@ def _or(t, placeholder):
 
 
 _GLUON = []
+# Gluon's API moves between Triton releases: 3.6 (the GPU image) and 3.9 (CI) are the ones tested
+GLUON_MIN_TRITON = (3, 6)
 
 
 def _gluon_forward():
     """kernels/gluon_attention.py (the warp-specialised Hopper forward) when it can be used here, else None: not
-    under the interpreter, not with ``HF_FLASH_GLUON_FWD=0``, not with a Triton without Gluon's Hopper API (the
-    import is tried once)."""
+    under the interpreter, not with ``HF_FLASH_GLUON_FWD=0``, not with a Triton older than 3.6 or without Gluon's
+    Hopper API (the import is tried once), not after it failed to compile here (:func:`_gluon_failed`)."""
     if os.environ.get("HF_FLASH_GLUON_FWD", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     if not _GLUON:
-        try:
-            from hf_flash.kernels import gluon_attention
-        except (ImportError, AttributeError):
-            gluon_attention = None
-        _GLUON.append(gluon_attention)
+        module = None
+        if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= GLUON_MIN_TRITON:
+            try:
+                from hf_flash.kernels import gluon_attention as module
+            except (ImportError, AttributeError):
+                module = None
+        _GLUON.append(module)
     return _GLUON[0]
+
+
+def _gluon_failed(err: Exception) -> None:
+    """The Gluon kernel did not compile with this Triton: warn once, use the Triton forward from now on."""
+    import warnings
+
+    _GLUON[:] = [None]
+    warnings.warn(f"hf_flash: the Hopper (Gluon) attention forward did not compile with triton {triton.__version__} "
+                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); using the Triton forward "
+                  "(set HF_FLASH_GLUON_FWD=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+
+
+# what a Gluon API this kernel does not match raises while compiling (before anything runs on the GPU)
+_GLUON_COMPILE_ERRORS = (CompilationError, AttributeError, TypeError, NotImplementedError)
 
 
 def fused_dq_enabled() -> bool:
@@ -711,10 +730,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
             dropout_p=dropout_p, softcap=softcap, windowed_other_than_causal=other_window, seqlen_q=max_seqlen_q,
             seqlen_k=max_seqlen_k):
         # the warp-specialised Hopper forward (kernels/gluon_attention.py); same outputs and conventions
-        gluon.forward(q, k, v, windowed, softmax_scale, out, lse)
-        launches["fwd"] += 1
-        launches["fwd_gluon"] += 1
-        return out, lse
+        try:
+            gluon.forward(q, k, v, windowed, softmax_scale, out, lse)
+        except _GLUON_COMPILE_ERRORS as err:
+            _gluon_failed(err)
+        else:
+            launches["fwd"] += 1
+            launches["fwd_gluon"] += 1
+            return out, lse
     bias_t, bias_type, bias_strides = _bias_args(bias)
     alibi_t, stride_ab = _alibi_args(alibi_slopes, q)
     cfg = configs.fwd_config(head_dim, q.dtype, q.device, max_seqlen_q, max_seqlen_k, batch * nheads)

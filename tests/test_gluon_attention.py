@@ -88,3 +88,30 @@ def test_dispatch_declines_where_the_kernel_cannot_run():
     assert torch.isfinite(out.float()).all()
     if not HOPPER:
         assert kern.launches["fwd_gluon"] == before
+
+
+def test_a_gluon_api_this_kernel_does_not_match_falls_back_with_a_warning(monkeypatch):
+    """Where the kernel fails to compile (a Triton whose Gluon API moved), the call still returns the right answer
+    from the Triton forward, with one warning, and later calls do not try Gluon again."""
+    class Fake:
+        calls = 0
+
+        @staticmethod
+        def supported(*a, **k):
+            return True
+
+        @classmethod
+        def forward(cls, *a, **k):
+            cls.calls += 1
+            raise AttributeError("module 'gluon.language' has no attribute 'warp_specialize'")
+
+    state = []
+    monkeypatch.setattr(kern, "_GLUON", state)
+    monkeypatch.setattr(kern, "_gluon_forward", lambda: state[0] if state else Fake)
+    q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16)
+    before = dict(kern.launches)
+    with pytest.warns(RuntimeWarning, match="did not compile.*AttributeError.*HF_FLASH_GLUON_FWD=0"):
+        compare_with_reference(q, k, v, causal=True, grads=False)
+    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] and state == [None]
+    compare_with_reference(q, k, v, causal=True, grads=False)
+    assert Fake.calls == 1
