@@ -617,13 +617,21 @@ def _gluon_forward():
         return None
     if not _GLUON:
         module = None
-        if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= GLUON_MIN_TRITON:
+        if _version(triton.__version__) >= GLUON_MIN_TRITON:
             try:
                 from hf_flash.kernels import gluon_attention as module
             except (ImportError, AttributeError):
                 module = None
         _GLUON.append(module)
     return _GLUON[0]
+
+
+def _version(text: str) -> tuple:
+    """(major, minor) of a version string such as "3.6.0", "3.10.0+git1234" or "3.7.0rc1"."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _gluon_failed(err: Exception) -> None:

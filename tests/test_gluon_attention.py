@@ -115,3 +115,9 @@ def test_a_gluon_api_this_kernel_does_not_match_falls_back_with_a_warning(monkey
     assert kern.launches["fwd_gluon"] == before["fwd_gluon"] and state == [None]
     compare_with_reference(q, k, v, causal=True, grads=False)
     assert Fake.calls == 1
+
+
+def test_triton_version_gate_reads_release_and_development_versions():
+    assert kern._version("3.6.0") == (3, 6) and kern._version("3.10.0+git1234") == (3, 10)
+    assert kern._version("3.7.0rc1") == (3, 7) and kern._version("nightly") == (0, 0)
+    assert kern._version("3.5.1") < kern.GLUON_MIN_TRITON <= kern._version("3.9.0")
