@@ -31,11 +31,18 @@ decode step (norms, projections, MLP, residuals) as two CUDA graphs, with this f
 ``attention_mask`` and the cache (``past_key_values`` or ``cache``) as keywords, and ``Cache.layers`` /
 ``offloading``; a call that does not look like that runs the class's forward.
 
+Opt-in (``HF_FLASH_FUSED_ROTARY=1``, not yet measured on a GPU): calls without a cache (training steps) rotate q
+and k with one kernel each (kernels/rotary.py, with its inverse in the backward) instead of transformers' five
+tensor operations (:func:`_rotary_forward`). The forward during which a module is set up lazily runs the class
+path, and so does any gradient-checkpointing recomputation of it (recognised by its cos table), so a forward and
+its recomputation always take the same path.
+
 Not done: sliding-window layers of a StaticCache (a rolling buffer) use the generic path.
 """
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -77,7 +84,23 @@ def install_fused_decode(module: torch.nn.Module) -> bool:
     if stock_class(module, ATTENTION_CLASSES) is None or not all(hasattr(module, a) for a in _USED):
         return False
     module.forward = types.MethodType(_fused_forward, module)
+    module._hf_flash_install_pe = _calling_pe(module)
     return True
+
+
+def _calling_pe(module: torch.nn.Module) -> int | None:
+    """id() of the cos table of the class ``forward`` of ``module`` running now, when the module is being set up
+    lazily inside it (its first call), else None. That forward took the class path; a gradient-checkpointing
+    recomputation of it passes the same tables again, and must take the class path too (:func:`_rotary_inputs`)."""
+    frame = sys._getframe(1)
+    for _ in range(24):
+        if frame is None:
+            return None
+        loc = frame.f_locals
+        if loc.get("self") is module and isinstance(loc.get("position_embeddings"), (tuple, list)):
+            return id(loc["position_embeddings"][0])
+        frame = frame.f_back
+    return None
 
 
 # (batch, value, device) -> int32 tensor of that value: every layer of a decode step appends at the same slot and
@@ -161,6 +184,8 @@ def _fused_forward(self, *args, **kwargs):
     cls_forward = type(self).forward
     ready = None if len(args) > 1 or hidden is None else _fused_inputs(self, hidden, kwargs)
     if ready is None:
+        if len(args) <= 1 and hidden is not None and _rotary_inputs(self, hidden, kwargs):
+            return _rotary_forward(self, hidden, kwargs)
         return cls_forward(self, *args, **kwargs)
     batch, n, d = hidden.shape[0], hidden.shape[1], self.head_dim
     q = self.q_proj(hidden).view(batch, n, -1, d)
@@ -170,6 +195,55 @@ def _fused_forward(self, *args, **kwargs):
     if out is None:  # not expected after the checks above; the ordinary path, from the projections on
         return cls_forward(self, *args, **kwargs)
     return self.o_proj(out.reshape(batch, n, -1)), None
+
+
+def _rotary_inputs(self, hidden: torch.Tensor, kwargs: dict) -> bool:
+    """Whether a call without a cache (a training step, a forward with ``use_cache=False``) takes
+    :func:`_rotary_forward`: opted in with ``HF_FLASH_FUSED_ROTARY=1`` (its speed is not measured yet), the
+    model's own cos / sin tables in transformers' shape, no sliding window, no ``output_attentions``, not under
+    torch.compile, on CUDA or the CPU interpreter."""
+    if _launch.env_get("HF_FLASH_FUSED_ROTARY") != "1" or torch.compiler.is_compiling() or hidden.dim() != 3:
+        return False
+    if (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions")
+            or getattr(self.config, "_attn_implementation", None) != NAME):
+        return False
+    if self.__dict__.get("sliding_window") is not None or getattr(self.config, "sliding_window", None) is not None:
+        return False  # Mistral / Qwen2 windows: their class forward passes them on; left to it
+    if not (hidden.is_cuda or _launch.env_get("TRITON_INTERPRET") == "1"):
+        return False
+    pe = kwargs.get("position_embeddings")
+    if not isinstance(pe, (tuple, list)) or len(pe) != 2:
+        return False
+    cos, sin = pe
+    if id(cos) == self.__dict__.get("_hf_flash_install_pe"):
+        return False  # the forward during which this module was set up, or a recomputation of it
+    return (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 3
+            and cos.shape[1:] == (hidden.shape[1], self.head_dim) and cos.shape[0] in (1, hidden.shape[0])
+            and sin.shape == cos.shape and sin.stride() == cos.stride() and cos.stride(-1) == 1
+            and self.head_dim % 2 == 0 and not cos.requires_grad and not sin.requires_grad)
+
+
+def _rotary_forward(self, hidden: torch.Tensor, kwargs: dict):
+    """The class forward (transformers 5.17-5.24: projections, rotary, attention interface, o_proj) for a call
+    without a cache, with q and k rotated by one kernel each (kernels/rotary.py; its inverse in the backward)
+    instead of transformers' five tensor operations and their autograd records."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from hf_flash.kernels.rotary import apply_rotary
+
+    cos, sin = kwargs["position_embeddings"]
+    input_shape = hidden.shape[:-1]
+    shape = (*input_shape, -1, self.head_dim)
+    q = apply_rotary(self.q_proj(hidden).view(shape), cos, sin).transpose(1, 2)
+    k = apply_rotary(self.k_proj(hidden).view(shape), cos, sin).transpose(1, 2)
+    v = self.v_proj(hidden).view(shape).transpose(1, 2)
+    rest = {n: a for n, a in kwargs.items()
+            if n not in ("hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values")}
+    attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    out, weights = attention(self, q, k, v, kwargs.get("attention_mask"),
+                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                             **rest)
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 # A bound method pickles as getattr(module, its function's name): under the name "forward", a model saved whole
