@@ -20,7 +20,7 @@ import math
 
 import torch
 
-__all__ = ["attention_ref", "window_mask", "alibi_bias"]
+__all__ = ["attention_ref", "window_mask", "alibi_bias", "rotary_per_token_ref"]
 
 
 def window_mask(seqlen_q, seqlen_k, window_size=(-1, -1), causal=False, query_lens=None, key_lens=None,
@@ -140,3 +140,12 @@ def attention_ref(q, k, v, query_padding_mask=None, key_padding_mask=None, attn_
     if return_lse:
         return out, attn, lse.float()
     return out, attn
+
+
+def rotary_per_token_ref(x, cos, sin):
+    """transformers' ``apply_rotary_pos_emb`` (``x * cos + rotate_half(x) * sin``) on x (batch, seqlen, heads, dim)
+    with its per-token (batch or 1, seqlen, dim) cos / sin tables, in the dtype of the arguments."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+

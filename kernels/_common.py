@@ -228,3 +228,37 @@ def query_range(n_start, n_end, shift, seqlen_q, window_left, window_right, BLOC
     full_lo = tl.minimum(full_lo, tl.maximum(hi, lo))
     full_hi = tl.minimum(full_hi, tl.maximum(hi, lo))
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def rotate_row(x_ptr, offs_d, dmask, COS, SIN, cs_row, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+               FULL_WIDTH: tl.constexpr, INVERSE: tl.constexpr):
+    """x rotated in float32 by the cos/sin row at element offset ``cs_row``; dims past ROTARY_DIM pass through.
+    The row holds rotary_dim / 2 values (flash-attn's tables), or with FULL_WIDTH one value per dim
+    (transformers' cos/sin, non-interleaved: x * cos + rotate_half(x) * sin exactly as its models compute it).
+    ``x_ptr`` may be a 2-D tile of row pointers (heads x 1) with ``offs_d`` (1 x dims) and ``dmask`` broadcast.
+    INVERSE applies the transposed map (the backward of the rotation: the partner's term changes sign and takes
+    the partner's sin, which matters where a table's halves differ)."""
+    x = tl.load(x_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    in_rot = offs_d < ROTARY_DIM
+    if INTERLEAVED:
+        partner = offs_d ^ 1
+        ci = offs_d // 2
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    else:
+        partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+        if FULL_WIDTH:
+            ci = offs_d
+        else:
+            ci = offs_d % (ROTARY_DIM // 2)
+        sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
+    si = ci
+    if INVERSE:
+        sign = -sign
+        if FULL_WIDTH and not INTERLEAVED:
+            si = partner  # full-width tables: the partner's sin is at its own index (half tables share ci)
+    xp = tl.load(x_ptr + partner, mask=in_rot & dmask, other=0.0).to(tl.float32)
+    c = tl.load(COS + cs_row + ci, mask=in_rot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + cs_row + si, mask=in_rot, other=0.0).to(tl.float32)
+    return x * c + sign * xp * s
+

@@ -54,7 +54,7 @@ import triton.language as tl
 from hf_flash.kernels.configs import cdiv, dot_precision, next_pow2, num_sms
 
 from hf_flash.kernels import _launch
-from hf_flash.kernels._common import mma, tanh_f32
+from hf_flash.kernels._common import mma, rotate_row, tanh_f32
 
 try:  # grid dependency control for programmatic dependent launch (triton >= 3.3; Hopper and later)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -505,31 +505,6 @@ def _combine_kernel(
 
 
 @triton.jit
-def _rotate(x_ptr, offs_d, dmask, COS, SIN, cs_row, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-            FULL_WIDTH: tl.constexpr):
-    """x rotated in float32 by the cos/sin row at element offset ``cs_row``; dims past ROTARY_DIM pass through.
-    The row holds rotary_dim / 2 values (flash-attn's tables), or with FULL_WIDTH one value per dim
-    (transformers' cos/sin, non-interleaved: x * cos + rotate_half(x) * sin exactly as its models compute it)."""
-    x = tl.load(x_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    in_rot = offs_d < ROTARY_DIM
-    if INTERLEAVED:
-        partner = offs_d ^ 1
-        ci = offs_d // 2
-        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-    else:
-        partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
-        if FULL_WIDTH:
-            ci = offs_d
-        else:
-            ci = offs_d % (ROTARY_DIM // 2)
-        sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
-    xp = tl.load(x_ptr + partner, mask=in_rot & dmask, other=0.0).to(tl.float32)
-    c = tl.load(COS + cs_row + ci, mask=in_rot, other=1.0).to(tl.float32)
-    s = tl.load(SIN + cs_row + ci, mask=in_rot, other=0.0).to(tl.float32)
-    return x * c + sign * xp * s
-
-
-@triton.jit
 def _append_rotary_kernel(
     Q, Q_ROT, K_NEW, V_NEW, K, V, COS, SIN, CACHE_SEQLENS, BATCH_IDX, BLOCK_TABLE,
     stride_qb, stride_qt, stride_qh, stride_rb, stride_rt, stride_rh,
@@ -562,8 +537,8 @@ def _append_rotary_kernel(
                 else:
                     qpos = start
                 q_row = tl.minimum(tl.maximum(qpos, 0), seqlen_ro - 1).to(tl.int64) * stride_cos
-            x = _rotate(Q + b.to(tl.int64) * stride_qb + i * stride_qt + h * stride_qh, offs_d, dmask, COS, SIN,
-                        q_row, ROTARY_DIM, INTERLEAVED, ROPE_PER_TOKEN)
+            x = rotate_row(Q + b.to(tl.int64) * stride_qb + i * stride_qt + h * stride_qh, offs_d, dmask, COS, SIN,
+                        q_row, ROTARY_DIM, INTERLEAVED, ROPE_PER_TOKEN, False)
             tl.store(Q_ROT + b.to(tl.int64) * stride_rb + i * stride_rt + h * stride_rh + offs_d,
                      x.to(Q_ROT.dtype.element_ty), mask=dmask)
     if HAS_NEW:
@@ -577,7 +552,7 @@ def _append_rotary_kernel(
                             k_row = b.to(tl.int64) * stride_cb + i * stride_ct
                         else:
                             k_row = tl.minimum(tl.maximum(slot, 0), seqlen_ro - 1).to(tl.int64) * stride_cos
-                        kx = _rotate(k_src, offs_d, dmask, COS, SIN, k_row, ROTARY_DIM, INTERLEAVED, ROPE_PER_TOKEN)
+                        kx = rotate_row(k_src, offs_d, dmask, COS, SIN, k_row, ROTARY_DIM, INTERLEAVED, ROPE_PER_TOKEN, False)
                     else:
                         kx = tl.load(k_src + offs_d, mask=dmask, other=0.0)
                     vx = tl.load(V_NEW + b.to(tl.int64) * stride_nvb + i * stride_nvt + h * stride_nvh + offs_d,

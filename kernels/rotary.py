@@ -13,7 +13,8 @@ for the backward. This kernel reads x once and writes the result once, in float3
     dx[..., h:] = dy[..., h:] * cos[..., h:] - dy[..., :h] * sin[..., :h]
 
 cos / sin are transformers' per-token (batch or 1, seqlen, dim) tables; nothing assumes their two halves equal.
-Grid: one program per (batch, position) and block of heads.
+Grid: one program per (batch, position) and block of heads; the arithmetic is the decode kernels' rotation
+(``_common.rotate_row``), also used to rotate q and the new k in a decode step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_flash.kernels._common import rotate_row
 from hf_flash.kernels.configs import cdiv, next_pow2
 
 launches = {"rotary": 0, "rotary_inverse": 0}
@@ -29,32 +31,20 @@ launches = {"rotary": 0, "rotary_inverse": 0}
 
 @triton.jit
 def _rotary_kernel(X, COS, SIN, Y, seqlen, nheads, stride_xb, stride_xs, stride_xh, stride_cb, stride_cs,
-                   stride_yb, stride_ys, stride_yh, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   stride_yb, stride_ys, stride_yh, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_H: tl.constexpr, INVERSE: tl.constexpr):
     row = tl.program_id(0)
     b = row // seqlen
     s = row % seqlen
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_ok = offs_d < HALF
-    mask = (offs_h < nheads)[:, None] & d_ok[None, :]
-    cs = b.to(tl.int64) * stride_cb + s.to(tl.int64) * stride_cs
-    c1 = tl.load(COS + cs + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(COS + cs + HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(SIN + cs + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(SIN + cs + HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (offs_h < nheads)[:, None] & (offs_d < DIM)
+    cs_row = b.to(tl.int64) * stride_cb + s.to(tl.int64) * stride_cs
     x_ptr = X + b.to(tl.int64) * stride_xb + s.to(tl.int64) * stride_xs + offs_h[:, None] * stride_xh
-    x1 = tl.load(x_ptr + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    if INVERSE:
-        y1 = x1 * c1 + x2 * s2
-        y2 = x2 * c2 - x1 * s1
-    else:
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+    # the decode kernels' rotation (transformers' full-width tables, halves not interleaved), on a heads x dims tile
+    y = rotate_row(x_ptr, offs_d, mask, COS, SIN, cs_row, DIM, False, True, INVERSE)
     y_ptr = Y + b.to(tl.int64) * stride_yb + s.to(tl.int64) * stride_ys + offs_h[:, None] * stride_yh
-    tl.store(y_ptr + offs_d[None, :], y1.to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + HALF + offs_d[None, :], y2.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs_d, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -70,12 +60,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     y = torch.empty((batch, seqlen, nheads, dim), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    half = dim // 2
     block_h = min(next_pow2(nheads), 16)
     grid = (batch * seqlen, cdiv(nheads, block_h))
     _rotary_kernel[grid](x, cos, sin, y, seqlen, nheads, *x.stride()[:3],
                          cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), *y.stride()[:3],
-                         HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=block_h, INVERSE=inverse,
+                         DIM=dim, BLOCK_D=next_pow2(dim), BLOCK_H=block_h, INVERSE=inverse,
                          num_warps=4 if nheads * dim >= 2048 else 2)
     launches["rotary_inverse" if inverse else "rotary"] += 1
     return y

@@ -49,6 +49,7 @@ import torch
 
 from hf_flash import kvcache
 from hf_flash.kernels import _launch
+from hf_flash.kernels.rotary import apply_rotary
 from hf_flash.patches import graphs
 from hf_flash.patches._common import LayerPlan, apply, class_names, stock_class
 from hf_flash.patches.attention import DECODE_MAX_QUERY, _decode_lengths
@@ -228,8 +229,6 @@ def _rotary_forward(self, hidden: torch.Tensor, kwargs: dict):
     without a cache, with q and k rotated by one kernel each (kernels/rotary.py; its inverse in the backward)
     instead of transformers' five tensor operations and their autograd records."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from hf_flash.kernels.rotary import apply_rotary
 
     cos, sin = kwargs["position_embeddings"]
     input_shape = hidden.shape[:-1]

@@ -17,7 +17,7 @@ from hf_flash import flash_attn_varlen_func, flash_attn_with_kvcache
 from hf_flash._validate import interpreter_enabled
 from hf_flash.kernels import decode as D
 from hf_flash.kvcache import num_splits_heuristic, split_kv_attention
-from hf_flash.reference import attention_ref
+from hf_flash.reference import attention_ref, rotary_per_token_ref
 
 CUDA = torch.cuda.is_available()
 INTERP = interpreter_enabled()
@@ -687,11 +687,7 @@ def test_append_with_per_token_rotary_rows(device, d):
     k_cache, v_cache = torch.randn(batch, cap, hk, d, generator=g), torch.randn(batch, cap, hk, d, generator=g)
     starts = [5, 11]
 
-    def rot(x):  # transformers' apply_rotary_pos_emb on (batch, tokens, heads, dim)
-        half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
-        return x * cos[:, :, None] + half * sin[:, :, None]
-
-    want_q, want_k = rot(q), rot(k_new)
+    want_q, want_k = rotary_per_token_ref(q, cos, sin), rotary_per_token_ref(k_new, cos, sin)
     want_kc, want_vc = k_cache.clone(), v_cache.clone()
     for b, s in enumerate(starts):
         want_kc[b, s:s + n], want_vc[b, s:s + n] = want_k[b], v_new[b]

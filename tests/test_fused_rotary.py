@@ -9,20 +9,14 @@ import pytest
 import torch
 
 from hf_flash.kernels import rotary
+from hf_flash.reference import rotary_per_token_ref
 from conftest import DEVICE, llama_pair
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 def _reference(x, cos, sin):
-    # transformers' apply_rotary_pos_emb on (batch, seqlen, heads, dim), in float64
-    c, s = cos.double()[:, :, None, :], sin.double()[:, :, None, :]
-    return x.double() * c + _rotate_half(x.double()) * s
+    return rotary_per_token_ref(x.double(), cos.double(), sin.double())
 
 
 def _tables(batch, seqlen, dim, seed, halves_equal=True):
