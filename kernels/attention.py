@@ -50,8 +50,9 @@ from hf_flash.kernels import configs
 from hf_flash.kernels.configs import cdiv, dot_precision
 
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
-# "fwd" counts every forward, "fwd_gluon" those that ran kernels/gluon_attention.py's kernel.
-launches = {"fwd": 0, "fwd_gluon": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0,
+# "fwd" counts every forward, "fwd_gluon" those that ran kernels/gluon_attention.py's kernel; "bwd_gluon" counts
+# the backwards that ran its backward kernel (the others count "bwd_dkdv" and what follows it).
+launches = {"fwd": 0, "fwd_gluon": 0, "bwd_gluon": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0,
             "bwd_dbias": 0}
 
 
@@ -604,16 +605,21 @@ def _or(t, placeholder):
     return placeholder if t is None else t
 
 
-_GLUON = []
+_GLUON = []  # kernels/gluon_attention.py once imported (None where it cannot be), tried once
+_GLUON_BROKEN = set()  # "fwd" / "bwd": that Gluon kernel failed to compile with this Triton
 # Gluon's API moves between Triton releases: 3.6 (the GPU image) and 3.9 (CI) are the ones tested
 GLUON_MIN_TRITON = (3, 6)
+_GLUON_ENV = {"fwd": "HF_FLASH_GLUON_FWD", "bwd": "HF_FLASH_GLUON_BWD"}
 
 
-def _gluon_forward():
-    """kernels/gluon_attention.py (the warp-specialised Hopper forward) when it can be used here, else None: not
-    under the interpreter, not with ``HF_FLASH_GLUON_FWD=0``, not with a Triton older than 3.6 or without Gluon's
-    Hopper API (the import is tried once), not after it failed to compile here (:func:`_gluon_failed`)."""
-    if os.environ.get("HF_FLASH_GLUON_FWD", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+def _gluon(direction: str):
+    """kernels/gluon_attention.py (the warp-specialised Hopper kernels) when its ``direction`` ("fwd" or "bwd")
+    kernel can be used here, else None: not under the interpreter, not with ``HF_FLASH_GLUON_FWD=0`` /
+    ``HF_FLASH_GLUON_BWD=0``, not with a Triton older than 3.6 or without Gluon's Hopper API (the import is tried
+    once), not after that kernel failed to compile here (:func:`_gluon_failed`)."""
+    if os.environ.get(_GLUON_ENV[direction], "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if direction in _GLUON_BROKEN:
         return None
     if not _GLUON:
         module = None
@@ -626,6 +632,14 @@ def _gluon_forward():
     return _GLUON[0]
 
 
+def _gluon_forward():
+    return _gluon("fwd")
+
+
+def _gluon_backward():
+    return _gluon("bwd")
+
+
 def _version(text: str) -> tuple:
     """(major, minor) of a version string such as "3.6.0", "3.10.0+git1234" or "3.7.0rc1"."""
     import re
@@ -634,14 +648,15 @@ def _version(text: str) -> tuple:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def _gluon_failed(err: Exception) -> None:
-    """The Gluon kernel did not compile with this Triton: warn once, use the Triton forward from now on."""
+def _gluon_failed(err: Exception, direction: str = "fwd") -> None:
+    """A Gluon kernel did not compile with this Triton: warn once, use the Triton kernel from now on."""
     import warnings
 
-    _GLUON[:] = [None]
-    warnings.warn(f"hf_flash: the Hopper (Gluon) attention forward did not compile with triton {triton.__version__} "
-                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); using the Triton forward "
-                  "(set HF_FLASH_GLUON_FWD=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+    _GLUON_BROKEN.add(direction)
+    name = "forward" if direction == "fwd" else "backward"
+    warnings.warn(f"hf_flash: the Hopper (Gluon) attention {name} did not compile with triton {triton.__version__} "
+                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); using the Triton {name} "
+                  f"(set {_GLUON_ENV[direction]}=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
 
 
 # what a Gluon API this kernel does not match raises while compiling (before anything runs on the GPU)
@@ -812,6 +827,24 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     _bwd_preprocess[(cdiv(max_seqlen_q, cfg.block_m), batch * nheads)](
         out, dout, delta, cu_q, *_Layout(out, varlen).strides(), *_Layout(dout, varlen).strides(),
         *lse_strides, nheads, max_seqlen_q, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_D=block_d, IS_VARLEN=varlen)
+    fuse_dq = (fused_dq_enabled() and not deterministic and not bias_needs_grad
+               and not torch.are_deterministic_algorithms_enabled())
+    gluon = _gluon_backward() if fuse_dq else None
+    if gluon is not None and gluon.supported_backward(
+            q, k, v, dout, causal=windowed, varlen=varlen, has_bias=bias is not None,
+            has_alibi=alibi_slopes is not None, dropout_p=dropout_p, softcap=softcap,
+            windowed_other_than_causal=windowed and (left != UNBOUNDED or right != 0), seqlen_q=max_seqlen_q,
+            seqlen_k=max_seqlen_k):
+        # the warp-specialised Hopper backward (kernels/gluon_attention.py): dQ with atomics, as the fused path
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        try:
+            dk, dv = gluon.backward(dout, q, k, v, lse, delta, windowed, softmax_scale, dq_acc,
+                                    split=gluon.backward_split(batch, nheads_k, group, max_seqlen_k, q.device))
+        except _GLUON_COMPILE_ERRORS as err:
+            _gluon_failed(err, "bwd")
+        else:
+            launches["bwd_gluon"] += 1
+            return dq_acc.to(q.dtype), dk, dv, dbias
     common = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, IS_VARLEN=varlen,
                   WINDOWED=windowed, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_TYPE=bias_type,
                   HAS_DROPOUT=dropout_p > 0, DOT_PREC=dot_precision(q.dtype, q.device), num_warps=cfg.num_warps,
@@ -830,8 +863,6 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         dv_out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         dk_layout, dv_layout = _Layout(dk_out, varlen).strides(), _Layout(dv_out, varlen).strides()
         split_strides = (0, 0)
-    fuse_dq = (fused_dq_enabled() and not deterministic and not bias_needs_grad
-               and not torch.are_deterministic_algorithms_enabled())
     if fuse_dq:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dq_strides = _Layout(dq_acc, varlen).strides()

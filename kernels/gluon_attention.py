@@ -1,4 +1,4 @@
-"""FlashAttention-3-style forward for Hopper (sm_90), written in Gluon (Triton's lower-level dialect).
+"""FlashAttention-3-style forward and backward for Hopper (sm_90), written in Gluon (Triton's lower-level dialect).
 
 Why a second forward: Triton's ``tl.dot`` on Hopper waits for every wgmma whose result is not a loop-carried
 accumulator right after issuing it (read in the compiled kernels: ``warp_group_dot_wait {pendings = 0}`` after the
@@ -21,8 +21,21 @@ Scope (``supported`` says where it runs; everything else takes the Triton kernel
 capability 9.0, float16 / bfloat16, head dim 128, no bias, ALiBi, softcap, dropout or sliding window (causal or
 not), not varlen, seqlen_q <= seqlen_k when causal (so every query row sees a key), strides that TMA accepts
 (multiples of 16 bytes, 16-byte aligned base). The output and the log-sum-exp follow kernels/attention.py's
-conventions, so its backward takes them as they are. Gluon has no CPU interpreter: CI compiles this kernel for
-sm_90 (tests/test_compile_sm90.py), the GPU tests run it (tests/test_gluon_attention.py).
+conventions, so its backward takes them as they are. Gluon has no CPU interpreter: CI compiles these kernels for
+sm_90 (tests/test_compile_sm90.py), the GPU tests run them (tests/test_gluon_attention.py).
+
+The backward (:func:`backward`, same scope; kernels/attention.py sends it the calls whose dQ may be added with
+atomics, i.e. not deterministic ones) is the same pattern turned around, FlashAttention-2 / 3's dK/dV-major loop:
+
+* one CTA per (key block of 128, batch, KV head, share of the GQA group); its K / V block stays in shared memory and
+  it loops over the group's query heads and their query blocks of 64 (the "items");
+* a one-warp producer streams each item's Q and dO blocks (TMA) into a ring of ``BWD_STAGES`` slots;
+* two consumer warpgroups own 64 keys each, with dK / dV accumulating in registers. Per item: S = Q K^T and
+  dP = dO V^T issued together, P computed while dP runs, dV += P^T dO and dK += dS^T Q issued asynchronously
+  (P and dS through shared memory), then dQ = dS K, each warpgroup computing half of its columns from both
+  warpgroups' dS, added into a float32 buffer with vector atomics (as in flash-attn);
+* the grid launches every (batch, head) of a key block before the next key block, so under a causal mask the
+  longest programs start first.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from hf_flash.kernels.configs import cdiv
 
 # names that moved between Triton releases (3.6 on the GPU image, 3.9 in CI)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # a partition's warps (bar.sync id, 128)
 
 BLOCK_M = 64  # query rows per consumer warpgroup (a CTA holds two)
 BLOCK_N = 128
@@ -227,6 +241,189 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_om, stride_
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+# --------------------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------------------
+
+BWD_BLOCK_M = 64  # query rows per item (the producer streams Q and dO blocks of this size)
+BWD_BLOCK_N = 128  # keys per CTA, 64 per consumer warpgroup
+BWD_STAGES = 2
+
+
+@gluon.jit
+def _bwd_consumer(q_smem, do_smem, k_all, v_all, ds_all, p_all, ds_bar, full, empty, LSE, Delta, DQ, DK, DV,
+                  b, hk, nheads, group, g_lo, n_items_per_head, n_items, n_start, wg, seqlen_q, seqlen_k, m_lo,
+                  shift, scale_log2, sm_scale, stride_lb, stride_lh, stride_dqb, stride_dqm, stride_dqh,
+                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                  HEAD_D: gl.constexpr, BM: gl.constexpr, WN: gl.constexpr, NSTAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+    """One warpgroup's 64 keys: dK / dV accumulate in registers over the (head, query block) items. S = Q K^T and
+    dP = dO V^T are (queries) x (keys) tiles, so each thread holds 2 rows' lse and delta (transposed tiles would
+    need 32 registers for them, and spilled); P and dS go through shared memory as the A operands of dV and dK."""
+    dtype: gl.constexpr = q_smem.dtype
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WN, 16])
+    mma_kv: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, HEAD_D, 16])
+    mma_q: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, HEAD_D // 2, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    row_kv: gl.constexpr = gl.SliceLayout(1, mma_kv)
+    col_kv: gl.constexpr = gl.SliceLayout(0, mma_kv)
+    # dQ's atomics: 4 consecutive columns per thread (vector reductions)
+    red: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
+                                         order=[1, 0])
+    key0 = n_start + wg * WN
+    k_full = k_all.reshape([2 * WN, HEAD_D])
+    k_w = k_full.slice(wg * WN, WN, dim=0)
+    v_w = v_all.reshape([2 * WN, HEAD_D]).slice(wg * WN, WN, dim=0)
+    k_cols = k_full.slice(wg * (HEAD_D // 2), HEAD_D // 2, dim=1)  # this warpgroup's half of dQ's columns
+    p_w = p_all.index(wg)
+    offs_k = key0 + gl.arange(0, WN, layout=col_s)
+    zero_s = gl.zeros([BM, WN], gl.float32, layout=mma_s)
+    zero_q = gl.zeros([BM, HEAD_D // 2], gl.float32, layout=mma_q)
+    dk = gl.zeros([WN, HEAD_D], gl.float32, layout=mma_kv)
+    dv = gl.zeros([WN, HEAD_D], gl.float32, layout=mma_kv)
+    dq_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, red))
+    dq_cols = wg * (HEAD_D // 2) + gl.arange(0, HEAD_D // 2, layout=gl.SliceLayout(0, red))
+    for it in range(0, n_items):
+        h = hk * group + g_lo + it // n_items_per_head
+        m0 = (m_lo + it % n_items_per_head) * BM
+        st = it % NSTAGES
+        offs_m = m0 + gl.arange(0, BM, layout=row_s)
+        row_ok = offs_m < seqlen_q
+        lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+        # rows past seqlen_q: lse = +inf gives P = 0 (their Q / dO rows come back from TMA as zeros)
+        lse2 = gl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = gl.load(Delta + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, mask=row_ok,
+                        other=0.0)
+        mbarrier.wait(full.index(st), (it // NSTAGES) & 1)
+        q = q_smem.index(st).reshape([BM, HEAD_D])
+        do = do_smem.index(st).reshape([BM, HEAD_D])
+        # S and dP issued together; P is computed while dP runs
+        s_tok = warpgroup_mma(q, k_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do, v_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok, q, k_w])[0]
+        x = s * scale_log2 - gl.expand_dims(lse2, 1)
+        if CAUSAL:
+            if m0 + shift < key0 + WN - 1:  # on the diagonal: keys after a query's position are masked
+                ok = gl.expand_dims(offs_k, 0) <= gl.expand_dims(offs_m + shift, 1)
+                x = gl.where(ok, x, float("-inf"))
+        p = gl.exp2(x)
+        p_w.store(p.to(dtype))
+        fence_async_shared()
+        _thread_barrier()  # every row of P stored before the wgmma reads it
+        dv_tok = warpgroup_mma(p_w.permute((1, 0)), do, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok, do, v_w])[0]
+        ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
+        # dQ = dS K over both warpgroups' keys: each stores its columns of dS and waits for the other's, then
+        # computes half of dQ's columns. Double-buffered: passing item it's barrier means both finished item it-1.
+        ds_buf = ds_all.index(it % 2)
+        ds_w = ds_buf.slice(wg * WN, WN, dim=1)
+        ds_w.store(ds)
+        fence_async_shared()
+        mbarrier.arrive(ds_bar)
+        mbarrier.wait(ds_bar, it & 1)
+        dk_tok = warpgroup_mma(ds_w.permute((1, 0)), q, dk, is_async=True)
+        dq_tok = warpgroup_mma(ds_buf, k_cols, zero_q, use_acc=False, is_async=True)
+        done = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok, p_w, ds_buf])
+        dv = done[0]
+        dk = done[1]
+        dq = done[2]
+        mbarrier.arrive(empty.index(st))
+        dq = gl.convert_layout(dq * sm_scale, red)
+        rows = m0 + dq_rows
+        base = DQ + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
+        offs = gl.expand_dims(rows * stride_dqm, 1) + gl.expand_dims(dq_cols, 0)
+        gl.atomic_add(base + offs, dq, mask=gl.expand_dims(rows < seqlen_q, 1), sem="relaxed")
+    # rows past seqlen_k (zeros from TMA) are not stored
+    krows = key0 + gl.arange(0, WN, layout=row_kv)
+    cols = gl.expand_dims(gl.arange(0, HEAD_D, layout=col_kv), 0)
+    kmask = gl.expand_dims(krows < seqlen_k, 1)
+    krows64 = gl.expand_dims(krows.to(gl.int64), 1)
+    dk_ptr = DK + b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh + krows64 * stride_dkn + cols
+    dv_ptr = DV + b.to(gl.int64) * stride_dvb + hk.to(gl.int64) * stride_dvh + krows64 * stride_dvn + cols
+    gl.store(dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+    gl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@gluon.jit
+def _bwd_producer(q_desc, do_desc, q_smem, do_smem, full, empty, b, hk, group, g_lo, m_lo, n_items_per_head,
+                  n_items, BM: gl.constexpr, HEAD_D: gl.constexpr, NSTAGES: gl.constexpr):
+    BYTES: gl.constexpr = 2 * BM * HEAD_D * 2
+    for it in range(0, n_items):
+        h = hk * group + g_lo + it // n_items_per_head
+        m0 = (m_lo + it % n_items_per_head) * BM
+        st = it % NSTAGES
+        mbarrier.wait(empty.index(st), ((it // NSTAGES) & 1) ^ 1, pred=it >= NSTAGES)
+        mbarrier.expect(full.index(st), BYTES)
+        _tma_load(q_desc, [b, m0, h, 0], full.index(st), q_smem.index(st))
+        _tma_load(do_desc, [b, m0, h, 0], full.index(st), do_smem.index(st))
+
+
+@gluon.jit
+def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, LSE, Delta, DQ, DK, DV, nheads, nheads_k, group, split,
+                   seqlen_q, seqlen_k, scale_log2, sm_scale, stride_lb, stride_lh, stride_dqb, stride_dqm,
+                   stride_dqh, stride_dks, stride_dkb, stride_dkn, stride_dkh, stride_dvs, stride_dvb, stride_dvn,
+                   stride_dvh, HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    WN: gl.constexpr = BN // 2
+    # axis 0 runs fastest: every (batch, KV head, share of the group) of one key block is launched before the next
+    # key block, so under a causal mask the longest programs (the first key blocks) start first
+    pid = gl.program_id(0)
+    n_start = gl.program_id(1) * BN
+    gs = pid % split
+    hk = (pid // split) % nheads_k
+    b = pid // (split * nheads_k)
+    g_per = group // split
+    g_lo = gs * g_per
+    shift = seqlen_k - seqlen_q
+    m_lo = 0
+    if CAUSAL:
+        m_lo = gl.maximum(n_start - shift, 0) // BM
+    n_items_per_head = gl.cdiv(seqlen_q, BM) - m_lo
+    n_items = n_items_per_head * g_per
+    DK = DK + gs.to(gl.int64) * stride_dks
+    DV = DV + gs.to(gl.int64) * stride_dvs
+
+    q_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BM, 1, HEAD_D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BM, 1, HEAD_D], do_desc.layout)
+    k_all = gl.allocate_shared_memory(dtype, [1, BN, 1, HEAD_D], k_desc.layout)
+    v_all = gl.allocate_shared_memory(dtype, [1, BN, 1, HEAD_D], v_desc.layout)
+    sw: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ds_all = gl.allocate_shared_memory(dtype, [2, BM, BN], sw)  # dS of both warpgroups, double-buffered
+    p_all = gl.allocate_shared_memory(dtype, [2, BM, WN], sw)  # each warpgroup's P
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ds_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(ds_bar, count=2)  # one arrival per consumer
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    fence_async_shared()
+    mbarrier.expect(kv_bar, 2 * BN * HEAD_D * 2)
+    _tma_load(k_desc, [b, n_start, hk, 0], kv_bar, k_all)
+    _tma_load(v_desc, [b, n_start, hk, 0], kv_bar, v_all)
+    mbarrier.wait(kv_bar, 0)
+    gl.warp_specialize([
+        (_bwd_consumer, (q_smem, do_smem, k_all, v_all, ds_all, p_all, ds_bar, full, empty, LSE, Delta, DQ, DK, DV,
+                         b, hk, nheads, group, g_lo, n_items_per_head, n_items, n_start, 0, seqlen_q, seqlen_k,
+                         m_lo, shift, scale_log2, sm_scale, stride_lb, stride_lh, stride_dqb, stride_dqm,
+                         stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                         HEAD_D, BM, WN, NSTAGES, CAUSAL)),
+        (_bwd_consumer, (q_smem, do_smem, k_all, v_all, ds_all, p_all, ds_bar, full, empty, LSE, Delta, DQ, DK, DV,
+                         b, hk, nheads, group, g_lo, n_items_per_head, n_items, n_start, 1, seqlen_q, seqlen_k,
+                         m_lo, shift, scale_log2, sm_scale, stride_lb, stride_lh, stride_dqb, stride_dqm,
+                         stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                         HEAD_D, BM, WN, NSTAGES, CAUSAL)),
+        (_bwd_producer, (q_desc, do_desc, q_smem, do_smem, full, empty, b, hk, group, g_lo, m_lo,
+                         n_items_per_head, n_items, BM, HEAD_D, NSTAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 def smem_layout():
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
 
@@ -264,6 +461,30 @@ def supported(q, k, v, *, causal: bool, varlen: bool, has_bias: bool, has_alibi:
     return _tma_ok(q) and _tma_ok(k) and _tma_ok(v)
 
 
+def supported_backward(q, k, v, dout, **kw) -> bool:
+    """Whether :func:`backward` takes this call: :func:`supported`'s conditions, dO readable by TMA, and dQ's
+    row offsets within 32 bits (its atomics use them)."""
+    if not supported(q, k, v, **kw) or not _tma_ok(dout) or dout.dtype != q.dtype:
+        return False
+    return kw["seqlen_q"] * q.shape[2] * HEAD_DIM < 2 ** 31
+
+
+def backward_split(batch: int, nheads_k: int, group: int, seqlen_k: int, device: torch.device) -> int:
+    """Programs per (key block, KV head): each takes group / split of the GQA group's query heads (float32
+    partials of dK / dV, summed after). ``HF_FLASH_GLUON_BWD_SPLIT`` sets it (a divisor of the group); by default
+    1."""
+    import os
+
+    env = os.environ.get("HF_FLASH_GLUON_BWD_SPLIT", "").strip()
+    if env:
+        s = int(env)
+        if s < 1 or group % s:
+            raise ValueError(f"HF_FLASH_GLUON_BWD_SPLIT={env!r}: takes a divisor of the GQA group ({group} query "
+                             "heads per KV head here)")
+        return s
+    return 1
+
+
 def _desc(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, list(t.shape), _strides(t), [1, rows, 1, HEAD_DIM], smem_layout())
 
@@ -280,3 +501,33 @@ def forward(q, k, v, causal: bool, softmax_scale: float, out: torch.Tensor, lse:
         HEAD_D=HEAD_DIM, BM=BLOCK_M, BN=BLOCK_N, NSTAGES=STAGES, CAUSAL=causal, CONSUMER_REGS=REGS[0],
         PRODUCER_REGS=REGS[1], num_warps=4)
     return out, lse
+
+
+def backward(dout, q, k, v, lse, delta, causal: bool, softmax_scale: float, dq_acc: torch.Tensor, split: int = 1):
+    """Gradients of :func:`forward`'s attention: ``dq_acc`` (q's shape, float32, zeroed) gets dQ added with atomics;
+    returns dK and dV (k's dtype; float32 with a leading dimension of ``split`` partial sums when the GQA group is
+    split between programs). ``lse`` is the forward's, ``delta`` rowsum(O * dO), both (batch, heads, seqlen_q)."""
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    group = nheads // nheads_k
+    if split > 1:
+        dk = torch.empty((split,) + tuple(k.shape), dtype=torch.float32, device=k.device)
+        dv = torch.empty((split,) + tuple(v.shape), dtype=torch.float32, device=v.device)
+        dks, dvs = dk.stride(0), dv.stride(0)
+        dkl, dvl = dk[0], dv[0]
+    else:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dks = dvs = 0
+        dkl, dvl = dk, dv
+    grid = (batch * nheads_k * split, cdiv(seqlen_k, BWD_BLOCK_N))
+    _bwd_ws_kernel[grid](
+        _desc(q, BWD_BLOCK_M), _desc(k, BWD_BLOCK_N), _desc(v, BWD_BLOCK_N), _desc(dout, BWD_BLOCK_M), lse, delta,
+        dq_acc, dk, dv, nheads, nheads_k, group, split, seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634,
+        softmax_scale, lse.stride(0), lse.stride(1), dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+        dks, dkl.stride(0), dkl.stride(1), dkl.stride(2), dvs, dvl.stride(0), dvl.stride(1), dvl.stride(2),
+        HEAD_D=HEAD_DIM, BM=BWD_BLOCK_M, BN=BWD_BLOCK_N, NSTAGES=BWD_STAGES, CAUSAL=causal,
+        CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], num_warps=4)
+    if split > 1:
+        return dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+    return dk, dv

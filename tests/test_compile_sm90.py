@@ -62,7 +62,8 @@ def compile_all(features):
 
 
 def compile_gluon(causal: bool):
-    """The warp-specialised Gluon forward (kernels/gluon_attention.py) with the signature its launcher gives it."""
+    """The warp-specialised Gluon forward and backward (kernels/gluon_attention.py) with the signatures their
+    launchers give them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -82,12 +83,30 @@ def compile_gluon(causal: bool):
     ptx = k.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor.4d" in ptx, \
         "the Gluon forward lost its wgmma / warp specialisation / 4-D TMA loads"
-    return "compiled the Gluon forward for sm_90"
+    bsig = {"q_desc": desc.format(G.BWD_BLOCK_M), "k_desc": desc.format(G.BWD_BLOCK_N),
+            "v_desc": desc.format(G.BWD_BLOCK_N), "do_desc": desc.format(G.BWD_BLOCK_M), "LSE": "*fp32",
+            "Delta": "*fp32", "DQ": "*fp32", "DK": "*bf16", "DV": "*bf16", "nheads": "i32", "nheads_k": "i32",
+            "group": "i32", "split": "i32", "seqlen_q": "i32", "seqlen_k": "i32", "scale_log2": "fp32",
+            "sm_scale": "fp32"}
+    bsig.update({n: "i64" for n in ("stride_lb", "stride_lh", "stride_dqb", "stride_dqm", "stride_dqh", "stride_dks",
+                                    "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvs", "stride_dvb",
+                                    "stride_dvn", "stride_dvh")})
+    bconsts = dict(HEAD_D=G.HEAD_DIM, BM=G.BWD_BLOCK_M, BN=G.BWD_BLOCK_N, NSTAGES=G.BWD_STAGES, CAUSAL=causal,
+                   CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1])
+    bsig.update({n: "constexpr" for n in bconsts})
+    k = triton.compile(GluonASTSource(G._bwd_ws_kernel, bsig, bconsts, {}), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4))
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor.4d" in ptx, \
+        "the Gluon backward lost its wgmma / warp specialisation / 4-D TMA loads"
+    assert "red.global" in ptx or "atom.global" in ptx, "the Gluon backward does not add dQ with atomics"
+    return "compiled the Gluon forward and backward for sm_90"
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_gluon_forward_compiles_for_sm90(causal):
-    """Gluon has no CPU interpreter: this is what CI checks of the Hopper forward (the GPU tests run it), and its
+def test_gluon_kernels_compile_for_sm90(causal):
+    """Gluon has no CPU interpreter: this is what CI checks of the Hopper forward and backward (the GPU tests run
+    them), and its
     API moves between Triton releases (3.6 on the GPU image, 3.9 in CI)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     from conftest import subprocess_env
@@ -96,7 +115,7 @@ def test_gluon_forward_compiles_for_sm90(causal):
                           capture_output=True, text=True, timeout=600)
     if "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("this Triton has no ptxas for the platform")
-    assert proc.returncode == 0 and "compiled the Gluon forward for sm_90" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "compiled the Gluon forward and backward for sm_90" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("features", ["plain", "all"])

@@ -208,6 +208,7 @@ def test_varlen_matches_padded_reference(causal, window):
 def test_varlen_two_kernel_dq_backward(monkeypatch):
     """The varlen case above with the separate dQ kernel (HF_FLASH_BWD_FUSED_DQ=0; by default dQ is added with
     atomics inside the dK/dV kernel, which the test above runs)."""
+    monkeypatch.setenv("HF_FLASH_GLUON_BWD", "0")
     before = kern.launches["bwd_fused_dq"], kern.launches["bwd_dq"]
     test_varlen_matches_padded_reference(True, (-1, -1))
     assert (kern.launches["bwd_fused_dq"], kern.launches["bwd_dq"]) == (before[0] + 1, before[1])

@@ -1,7 +1,7 @@
-"""The warp-specialised Hopper forward (kernels/gluon_attention.py) against attention_ref, with its launch counted:
-odd lengths, GQA / MQA, batches, causal with seqlen_q < seqlen_k, the layouts transformers hands over (heads-major
-views, slices of a fused projection), both 16-bit dtypes, gradients through the Triton backward; and the cases it
-leaves to the Triton forward. Gluon has no CPU interpreter: on CPU only the dispatch is tested here, and CI compiles
+"""The warp-specialised Hopper forward and backward (kernels/gluon_attention.py) against attention_ref, with their
+launches counted: odd lengths, GQA / MQA, batches, causal with seqlen_q < seqlen_k, the layouts transformers hands
+over (heads-major views, slices of a fused projection), both 16-bit dtypes, the backward's GQA split; and the cases
+they leave to the Triton kernels. Gluon has no CPU interpreter: on CPU only the dispatch is tested here, and CI compiles
 the kernel for sm_90 (test_compile_sm90.py)."""
 
 from __future__ import annotations
@@ -27,12 +27,31 @@ CASES = [(1, 1000, 1000, 8, 2, True), (2, 257, 257, 4, 4, False), (3, 130, 390, 
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b%d-q%d-k%d-h%d/%d-%s" % (*c[:5], "causal" if c[5] else "full"))
-def test_gluon_forward_matches_reference(case, dtype):
+def test_gluon_kernels_match_reference(case, dtype):
     b, sq, sk, h, hk, causal = case
     q, k, v = make_qkv(b, sq, sk, h, hk, 128, dtype, seed=sq + sk)
-    before = kern.launches["fwd_gluon"]
-    compare_with_reference(q, k, v, causal=causal, grads=sq * sk < 5_000_000)
-    assert kern.launches["fwd_gluon"] == before + 1, "the Gluon forward did not run"
+    before = dict(kern.launches)
+    grads = sq * sk < 5_000_000
+    compare_with_reference(q, k, v, causal=causal, grads=grads)
+    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] + 1, "the Gluon forward did not run"
+    assert kern.launches["bwd_gluon"] == before["bwd_gluon"] + grads, "the Gluon backward did not run"
+    assert kern.launches["bwd_dkdv"] == before["bwd_dkdv"]
+
+
+@needs_hopper
+@pytest.mark.parametrize("split", ["2", "4"])
+def test_gluon_backward_gqa_split(split, monkeypatch):
+    """HF_FLASH_GLUON_BWD_SPLIT shares a GQA group's query heads out over several programs (float32 partials of
+    dK / dV, summed); a value that does not divide the group is a clear error."""
+    monkeypatch.setenv("HF_FLASH_GLUON_BWD_SPLIT", split)
+    q, k, v = make_qkv(2, 1111, 1111, 8, 2, 128, torch.bfloat16, seed=int(split))
+    before = kern.launches["bwd_gluon"]
+    compare_with_reference(q, k, v, causal=True)
+    assert kern.launches["bwd_gluon"] == before + 1
+    monkeypatch.setenv("HF_FLASH_GLUON_BWD_SPLIT", "3")
+    out = flash_attn_func(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="HF_FLASH_GLUON_BWD_SPLIT"):
+        out.sum().backward()
 
 
 @needs_hopper
@@ -54,9 +73,10 @@ def test_gluon_forward_takes_strided_layouts(layout):
                                                                                         (3, n * d, d, 1))
                    for n in (h, hk, hk))
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    before = kern.launches["fwd_gluon"]
+    before = dict(kern.launches)
     compare_with_reference(q, k, v, causal=True)
-    assert kern.launches["fwd_gluon"] == before + 1
+    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] + 1
+    assert kern.launches["bwd_gluon"] == before["bwd_gluon"] + 1
 
 
 @needs_hopper
@@ -80,6 +100,25 @@ def test_other_calls_take_the_triton_forward(monkeypatch):
     assert kern.launches["fwd_gluon"] == before
 
 
+@needs_hopper
+def test_other_backwards_take_the_triton_kernels(monkeypatch):
+    """deterministic=True, a sliding window, head dim 64 and HF_FLASH_GLUON_BWD=0 run the Triton backward, still
+    correct; the Gluon backward also takes the gradients of a Triton forward (HF_FLASH_GLUON_FWD=0)."""
+    for d, kw in [(64, {}), (128, {"deterministic": True}), (128, {"window_size": (100, 0)})]:
+        q, k, v = make_qkv(1, 300, 300, 4, 2, d, torch.bfloat16, seed=d)
+        before = dict(kern.launches)
+        compare_with_reference(q, k, v, causal=True, **kw)
+        assert kern.launches["bwd_gluon"] == before["bwd_gluon"] and kern.launches["bwd_dkdv"] == before["bwd_dkdv"] + 1
+    monkeypatch.setenv("HF_FLASH_GLUON_FWD", "0")
+    q, k, v = make_qkv(2, 333, 333, 4, 2, 128, torch.float16, seed=3)
+    before = dict(kern.launches)
+    compare_with_reference(q, k, v, causal=True)
+    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] and kern.launches["bwd_gluon"] == before["bwd_gluon"] + 1
+    monkeypatch.setenv("HF_FLASH_GLUON_BWD", "0")
+    compare_with_reference(q, k, v, causal=True)
+    assert kern.launches["bwd_gluon"] == before["bwd_gluon"] + 1
+
+
 def test_dispatch_declines_where_the_kernel_cannot_run():
     """Off Hopper (and always under the CPU interpreter) every call takes the Triton forward."""
     q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16, requires_grad=False)
@@ -91,8 +130,8 @@ def test_dispatch_declines_where_the_kernel_cannot_run():
 
 
 def test_a_gluon_api_this_kernel_does_not_match_falls_back_with_a_warning(monkeypatch):
-    """Where the kernel fails to compile (a Triton whose Gluon API moved), the call still returns the right answer
-    from the Triton forward, with one warning, and later calls do not try Gluon again."""
+    """Where the forward fails to compile (a Triton whose Gluon API moved), the call still returns the right answer
+    from the Triton forward, with one warning, and later calls do not try the Gluon forward again."""
     class Fake:
         calls = 0
 
@@ -100,21 +139,60 @@ def test_a_gluon_api_this_kernel_does_not_match_falls_back_with_a_warning(monkey
         def supported(*a, **k):
             return True
 
+        @staticmethod
+        def supported_backward(*a, **k):
+            return False
+
         @classmethod
         def forward(cls, *a, **k):
             cls.calls += 1
             raise AttributeError("module 'gluon.language' has no attribute 'warp_specialize'")
 
-    state = []
-    monkeypatch.setattr(kern, "_GLUON", state)
-    monkeypatch.setattr(kern, "_gluon_forward", lambda: state[0] if state else Fake)
+    broken = set()
+    monkeypatch.setattr(kern, "_GLUON_BROKEN", broken)
+    monkeypatch.setattr(kern, "_gluon", lambda direction: None if direction in broken else Fake)
     q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16)
     before = dict(kern.launches)
-    with pytest.warns(RuntimeWarning, match="did not compile.*AttributeError.*HF_FLASH_GLUON_FWD=0"):
+    with pytest.warns(RuntimeWarning, match="forward did not compile.*AttributeError.*HF_FLASH_GLUON_FWD=0"):
         compare_with_reference(q, k, v, causal=True, grads=False)
-    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] and state == [None]
+    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] and broken == {"fwd"}
     compare_with_reference(q, k, v, causal=True, grads=False)
     assert Fake.calls == 1
+
+
+def test_a_gluon_backward_that_does_not_compile_falls_back_with_a_warning(monkeypatch):
+    """The same for the backward: the Triton backward gives the gradients, one warning, no second attempt; the
+    forward's Gluon state is left alone."""
+    class Fake:
+        calls = 0
+
+        @staticmethod
+        def supported(*a, **k):
+            return False
+
+        @staticmethod
+        def supported_backward(*a, **k):
+            return True
+
+        @staticmethod
+        def backward_split(*a, **k):
+            return 1
+
+        @classmethod
+        def backward(cls, *a, **k):
+            cls.calls += 1
+            raise TypeError("warpgroup_mma() got an unexpected keyword argument 'is_async'")
+
+    broken = set()
+    monkeypatch.setattr(kern, "_GLUON_BROKEN", broken)
+    monkeypatch.setattr(kern, "_gluon", lambda direction: None if direction in broken else Fake)
+    q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16)
+    before = dict(kern.launches)
+    with pytest.warns(RuntimeWarning, match="backward did not compile.*TypeError.*HF_FLASH_GLUON_BWD=0"):
+        compare_with_reference(q, k, v, causal=True)
+    assert broken == {"bwd"} and kern.launches["bwd_dkdv"] == before["bwd_dkdv"] + 1
+    compare_with_reference(q, k, v, causal=True)
+    assert Fake.calls == 1 and kern.launches["bwd_gluon"] == before["bwd_gluon"]
 
 
 def test_triton_version_gate_reads_release_and_development_versions():
