@@ -92,7 +92,7 @@ def compile_gluon(causal: bool):
                                     "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvs", "stride_dvb",
                                     "stride_dvn", "stride_dvh")})
     bconsts = dict(HEAD_D=G.HEAD_DIM, BM=G.BWD_BLOCK_M, BN=G.BWD_BLOCK_N, NSTAGES=G.BWD_STAGES, CAUSAL=causal,
-                   CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1])
+                   CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1], WRITER_REGS=G.BWD_WRITER_REGS)
     bsig.update({n: "constexpr" for n in bconsts})
     k = triton.compile(GluonASTSource(G._bwd_ws_kernel, bsig, bconsts, {}), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=4))
