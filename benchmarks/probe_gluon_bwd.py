@@ -1,7 +1,8 @@
 """GPU probe of the Hopper (Gluon) backward in kernels/gluon_attention.py: gradients against float32 torch on odd
 shapes next to the Triton backward's error, then GPU time of the backward alone (hf_flash's Gluon backward with
 each GQA split, its Triton backward, SDPA cuDNN's and FLASH_ATTENTION's as forward + backward minus forward), for
-batch-1 Llama-3-8B layer shapes and a multi-head case. Run from the repo root: python benchmarks/probe_gluon_bwd.py
+batch-1 Llama-3-8B layer shapes and a multi-head case; then forward + backward of packed (varlen) batches with the
+Gluon kernels on and off. Run from the repo root: python benchmarks/probe_gluon_bwd.py
 [OUT_DIR]; writes probe_gluon_bwd.json."""
 import json
 import os
@@ -116,4 +117,29 @@ for (b, s, h, hk, causal) in [(1, 4096, 32, 8, True), (1, 16384, 32, 8, True), (
     del q, k, v, do, out, lse, qh, kh, vh
     torch.cuda.empty_cache()
 res["timing"] = rows
+
+# packed (varlen) training batch: forward + backward through flash_attn_varlen_func, Gluon kernels on and off
+packed = []
+for lens in ([2048] * 8, [3000, 1200, 700, 4096, 333, 2500, 1500, 2900]):
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+    total, mx = int(cu[-1]), max(lens)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    q = torch.randn(total, 32, 128, generator=g).to(dev, torch.bfloat16).requires_grad_(True)
+    k, v = (torch.randn(total, 8, 128, generator=g).to(dev, torch.bfloat16).requires_grad_(True) for _ in range(2))
+    do = torch.randn(total, 32, 128, generator=g).to(dev, torch.bfloat16)
+
+    def step():
+        o = hf_flash.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True)
+        torch.autograd.grad(o, (q, k, v), do)
+
+    row = {"lens": lens}
+    before = dict(A.launches)
+    row["gluon_fwd_bwd_ms"] = _time_with_events(step, warmup=3, rep=10)
+    row["gluon_ran"] = [A.launches["fwd_gluon"] - before["fwd_gluon"], A.launches["bwd_gluon"] - before["bwd_gluon"]]
+    os.environ["HF_FLASH_GLUON_FWD"] = os.environ["HF_FLASH_GLUON_BWD"] = "0"
+    row["triton_fwd_bwd_ms"] = _time_with_events(step, warmup=3, rep=10)
+    os.environ.pop("HF_FLASH_GLUON_FWD"), os.environ.pop("HF_FLASH_GLUON_BWD")
+    packed.append(row)
+    print(json.dumps(row), flush=True)
+res["packed"] = packed
 json.dump(res, open(os.path.join(out_dir, "probe_gluon_bwd.json"), "w"), indent=1)

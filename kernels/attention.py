@@ -52,8 +52,8 @@ from hf_flash.kernels.configs import cdiv, dot_precision
 # Launch counters: tests check that a kernel ran, not only that the output looks right.
 # "fwd" counts every forward, "fwd_gluon" those that ran kernels/gluon_attention.py's kernel; "bwd_gluon" counts
 # the backwards that ran its backward kernel (the others count "bwd_dkdv" and what follows it).
-launches = {"fwd": 0, "fwd_gluon": 0, "bwd_gluon": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0, "bwd_dq": 0,
-            "bwd_dbias": 0}
+launches = {"fwd": 0, "fwd_gluon": 0, "bwd_gluon": 0, "bwd_dkdv": 0, "bwd_dkdv_gqa_split": 0, "bwd_fused_dq": 0,
+            "bwd_dq": 0, "bwd_dbias": 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -754,7 +754,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
             seqlen_k=max_seqlen_k):
         # the warp-specialised Hopper forward (kernels/gluon_attention.py); same outputs and conventions
         try:
-            gluon.forward(q, k, v, windowed, softmax_scale, out, lse)
+            gluon.forward(q, k, v, windowed, softmax_scale, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k)
         except _GLUON_COMPILE_ERRORS as err:
             _gluon_failed(err)
         else:
@@ -839,7 +840,9 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         try:
             dk, dv = gluon.backward(dout, q, k, v, lse, delta, windowed, softmax_scale, dq_acc,
-                                    split=gluon.backward_split(batch, nheads_k, group, max_seqlen_k, q.device))
+                                    split=gluon.backward_split(batch, nheads_k, group, max_seqlen_k, q.device),
+                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
         except _GLUON_COMPILE_ERRORS as err:
             _gluon_failed(err, "bwd")
         else:

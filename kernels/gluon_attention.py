@@ -19,8 +19,10 @@ cuDNN's 14.1 and this project's Triton forward's 17.0; 16k 3.43 / 3.31 / 4.51.
 
 Scope (``supported`` says where it runs; everything else takes the Triton kernel in kernels/attention.py): CUDA
 capability 9.0, float16 / bfloat16, head dim 128, no bias, ALiBi, softcap, dropout or sliding window (causal or
-not), not varlen, seqlen_q <= seqlen_k when causal (so every query row sees a key), strides that TMA accepts
-(multiples of 16 bytes, 16-byte aligned base). The output and the log-sum-exp follow kernels/attention.py's
+not), dense with seqlen_q <= seqlen_k when causal, or varlen (packed sequences, read as one batch of packed rows:
+the rows TMA brings in past a sequence's end belong to the next sequence and are masked; a program whose rows see
+no key takes one fully masked block and writes output 0, lse +inf), strides that TMA accepts (multiples of 16
+bytes, 16-byte aligned base). The output and the log-sum-exp follow kernels/attention.py's
 conventions, so its backward takes them as they are. Gluon has no CPU interpreter: CI compiles these kernels for
 sm_90 (tests/test_compile_sm90.py), the GPU tests run them (tests/test_gluon_attention.py).
 
@@ -40,9 +42,9 @@ atomics, i.e. not deterministic ones) is the same pattern turned around, FlashAt
 * the grid launches every (batch, head) of a key block before the next key block, so under a causal mask the
   longest programs start first.
 
-Measured on an H100 (bf16, head dim 128, causal, the backward's GPU time; benchmarks/NOTES.md): batch 1, 32 / 8
-heads, 16k 13.4 ms against cuDNN's 10.7 and the Triton backward's 16.1; 4k 1.00 / 0.79 / 1.56; MHA 2 x 8k
-7.2 / 5.4 / 7.8.
+Measured on an H100 (bf16, head dim 128, causal, GPU time of the whole backward; benchmarks/NOTES.md): batch 1,
+32 / 8 heads, 16k 13.9 ms against cuDNN's 11.1 and the Triton backward's 16.0; 4k 1.30 / 0.79 / 1.54; MHA, batch 2,
+8k 7.3 / 5.6 / 7.8. The dQ reduction is what keeps it behind cuDNN (without it the kernel measured 10.4 ms at 16k).
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ def _softmax_step(s, m_i, l_i, n_start, offs_m, offs_n, seqlen_k, shift, qk_scal
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, b, h, nheads, m_start,
-              stride_ob, stride_om, stride_oh, seqlen_q, seqlen_k, n_blocks, n_total, n_full, shift, qk_scale,
-              HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr, CAUSAL: gl.constexpr):
+def _consumer(q_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, b, h, q_off, m_start,
+              stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, n_blocks, n_total, n_full,
+              shift, qk_scale, HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -168,14 +171,16 @@ def _consumer(q_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, 
     acc = acc * gl.expand_dims(gl.convert_layout(inv_l, row_o), 1)
     rows = m_start + gl.arange(0, BM, layout=row_o)
     cols = gl.arange(0, HEAD_D, layout=col_o)
+    # rows are this sequence's; q_off is where it starts in the tensor (varlen: the packed rows)
     o_ptrs = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-              + gl.expand_dims(rows.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0))
+              + gl.expand_dims((q_off + rows).to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0))
     gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(rows < seqlen_q, 1))
-    gl.store(LSE + (b * nheads + h).to(gl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+    lse_ptrs = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_off + offs_m
+    gl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, hk, n_blocks,
+def _producer(k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, hk, k_off, n_blocks,
               BN: gl.constexpr, HEAD_D: gl.constexpr, NSTAGES: gl.constexpr):
     KV_BYTES: gl.constexpr = BN * HEAD_D * 2
     for j in range(0, n_blocks):
@@ -184,17 +189,17 @@ def _producer(k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, 
         again = j >= NSTAGES
         mbarrier.wait(k_empty.index(st), ph, pred=again)
         mbarrier.expect(k_full.index(st), KV_BYTES)
-        _tma_load(k_desc, [b, j * BN, hk, 0], k_full.index(st), k_smem.index(st))
+        _tma_load(k_desc, [b, k_off + j * BN, hk, 0], k_full.index(st), k_smem.index(st))
         mbarrier.wait(v_empty.index(st), ph, pred=again)
         mbarrier.expect(v_full.index(st), KV_BYTES)
-        _tma_load(v_desc, [b, j * BN, hk, 0], v_full.index(st), v_smem.index(st))
+        _tma_load(v_desc, [b, k_off + j * BN, hk, 0], v_full.index(st), v_smem.index(st))
 
 
 @gluon.jit
-def _fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_om, stride_oh, nheads, group, seqlen_q,
-                   seqlen_k, qk_scale, HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                   NSTAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   PRODUCER_REGS: gl.constexpr):
+def _fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, CuQ, CuK, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                   nheads, group, seqlen_q, seqlen_k, qk_scale, HEAD_D: gl.constexpr, BM: gl.constexpr,
+                   BN: gl.constexpr, NSTAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
     if CAUSAL:
@@ -204,6 +209,16 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_om, stride_
     h = pid_bh % nheads
     hk = h // group
     m0 = pid_m * 2 * BM
+    q_off = 0
+    k_off = 0
+    if VARLEN:  # packed sequences (batch 1 in the descriptors): this one's rows and lengths
+        q_off = gl.load(CuQ + b)
+        seqlen_q = gl.load(CuQ + b + 1) - q_off
+        k_off = gl.load(CuK + b)
+        seqlen_k = gl.load(CuK + b + 1) - k_off
+        b = 0
+    if m0 >= seqlen_q:
+        return
     shift = seqlen_k - seqlen_q
     n_hi = seqlen_k
     n_hi0 = seqlen_k
@@ -214,8 +229,10 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_om, stride_
         n_hi0 = gl.minimum(seqlen_k, m0 + BM + shift)
         n_full0 = gl.minimum(n_full0, (m0 + shift + 1) // BN)
         n_full1 = gl.minimum(n_full1, (m0 + BM + shift + 1) // BN)
-    n_blocks = gl.cdiv(n_hi, BN)
-    n_blocks0 = gl.cdiv(n_hi0, BN)
+    # at least one block: a row that sees no key (an empty key sequence, a causal row before the keys start)
+    # takes block 0 fully masked and ends with output 0 and lse +inf
+    n_blocks = gl.maximum(gl.cdiv(n_hi, BN), 1)
+    n_blocks0 = gl.maximum(gl.cdiv(n_hi0, BN), 1)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, BM, 1, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], k_desc.layout)
@@ -233,18 +250,18 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_om, stride_
         mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()
     mbarrier.expect(q_bar, 2 * BM * HEAD_D * 2)
-    _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem.index(0))
-    _tma_load(q_desc, [b, m0 + BM, h, 0], q_bar, q_smem.index(1))
+    _tma_load(q_desc, [b, q_off + m0, h, 0], q_bar, q_smem.index(0))
+    _tma_load(q_desc, [b, q_off + m0 + BM, h, 0], q_bar, q_smem.index(1))
     mbarrier.wait(q_bar, 0)
     gl.warp_specialize([
-        (_consumer, (q_smem.index(0), k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, b, h, nheads, m0,
-                     stride_ob, stride_om, stride_oh, seqlen_q, seqlen_k, n_blocks0, n_blocks, n_full0, shift,
-                     qk_scale, HEAD_D, BM, BN, NSTAGES, CAUSAL)),
-        (_consumer, (q_smem.index(1), k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, b, h, nheads,
-                     m0 + BM, stride_ob, stride_om, stride_oh, seqlen_q, seqlen_k, n_blocks, n_blocks, n_full1,
-                     shift, qk_scale, HEAD_D, BM, BN, NSTAGES, CAUSAL)),
-        (_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, hk, n_blocks, BN, HEAD_D,
-                     NSTAGES)),
+        (_consumer, (q_smem.index(0), k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, b, h, q_off, m0,
+                     stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, n_blocks0, n_blocks,
+                     n_full0, shift, qk_scale, HEAD_D, BM, BN, NSTAGES, CAUSAL)),
+        (_consumer, (q_smem.index(1), k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, b, h, q_off,
+                     m0 + BM, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, n_blocks,
+                     n_blocks, n_full1, shift, qk_scale, HEAD_D, BM, BN, NSTAGES, CAUSAL)),
+        (_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, hk, k_off, n_blocks, BN,
+                     HEAD_D, NSTAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -261,7 +278,7 @@ BWD_WRITER_REGS = 32  # the dQ writer warps (setmaxnreg is per warpgroup: the pr
 
 @gluon.jit
 def _bwd_consumer(q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar, full, empty, dq_full, dq_empty,
-                  LSE, Delta, DK, DV,
+                  LSE, Delta, DK, DV, q_off, k_off,
                   b, hk, nheads, group, g_lo, n_items_per_head, n_items, n_start, wg, seqlen_q, seqlen_k, m_lo,
                   shift, scale_log2, sm_scale, stride_lb, stride_lh, stride_dkb, stride_dkn, stride_dkh,
                   stride_dvb, stride_dvn, stride_dvh, HEAD_D: gl.constexpr, BM: gl.constexpr, WN: gl.constexpr,
@@ -297,11 +314,10 @@ def _bwd_consumer(q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar,
         st = it % NSTAGES
         offs_m = m0 + gl.arange(0, BM, layout=row_s)
         row_ok = offs_m < seqlen_q
-        lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        # rows past seqlen_q: lse = +inf gives P = 0 (their Q / dO rows come back from TMA as zeros)
-        lse2 = gl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = gl.load(Delta + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m, mask=row_ok,
-                        other=0.0)
+        stats = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_off
+        # rows past seqlen_q (zeros from TMA, or the next packed sequence's): lse = +inf gives P = 0
+        lse2 = gl.load(LSE + stats + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = gl.load(Delta + stats + offs_m, mask=row_ok, other=0.0)
         mbarrier.wait(full.index(st), (it // NSTAGES) & 1)
         q = q_smem.index(st).reshape([BM, HEAD_D])
         do = do_smem.index(st).reshape([BM, HEAD_D])
@@ -314,6 +330,9 @@ def _bwd_consumer(q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar,
             if m0 + shift < key0 + WN - 1:  # on the diagonal: keys after a query's position are masked
                 ok = gl.expand_dims(offs_k, 0) <= gl.expand_dims(offs_m + shift, 1)
                 x = gl.where(ok, x, float("-inf"))
+        else:
+            if key0 + WN > seqlen_k:  # keys past the sequence (zeros from TMA, or the next packed sequence's)
+                x = gl.where(gl.expand_dims(offs_k < seqlen_k, 0), x, float("-inf"))
         p = gl.exp2(x)
         p_w.store(p.to(dtype))
         fence_async_shared()
@@ -340,11 +359,11 @@ def _bwd_consumer(q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar,
         mbarrier.wait(dq_empty.index(wg), (it & 1) ^ 1, pred=it > 0)
         dq_w.store(dq * sm_scale)
         mbarrier.arrive(dq_full.index(wg))
-    # rows past seqlen_k (zeros from TMA) are not stored
+    # rows past seqlen_k are not stored
     krows = key0 + gl.arange(0, WN, layout=row_kv)
     cols = gl.expand_dims(gl.arange(0, HEAD_D, layout=col_kv), 0)
     kmask = gl.expand_dims(krows < seqlen_k, 1)
-    krows64 = gl.expand_dims(krows.to(gl.int64), 1)
+    krows64 = gl.expand_dims((k_off + krows).to(gl.int64), 1)
     dk_ptr = DK + b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh + krows64 * stride_dkn + cols
     dv_ptr = DV + b.to(gl.int64) * stride_dvb + hk.to(gl.int64) * stride_dvh + krows64 * stride_dvn + cols
     gl.store(dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
@@ -352,7 +371,8 @@ def _bwd_consumer(q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar,
 
 
 @gluon.jit
-def _bwd_dq_writer(dq_smem, dq_full, dq_empty, DQ, b, hk, group, g_lo, m_lo, n_items_per_head, n_items, seqlen_q,
+def _bwd_dq_writer(dq_smem, dq_full, dq_empty, DQ, b, hk, group, g_lo, m_lo, n_items_per_head, n_items, q_off,
+                   seqlen_q,
                    stride_dqb, stride_dqm, stride_dqh, BM: gl.constexpr, HEAD_D: gl.constexpr,
                    WARPS: gl.constexpr):
     """Warps that add each item's dQ (both consumers' halves of its columns, from shared memory) into the float32
@@ -375,14 +395,14 @@ def _bwd_dq_writer(dq_smem, dq_full, dq_empty, DQ, b, hk, group, g_lo, m_lo, n_i
             for j in gl.static_range(BM // ROWS):
                 vals = buf.slice(j * ROWS, ROWS, dim=0).load(layout)
                 rows = m0 + j * ROWS + r
-                offs = gl.expand_dims(rows * stride_dqm, 1) + gl.expand_dims(wg * HALF + c, 0)
+                offs = gl.expand_dims((q_off + rows) * stride_dqm, 1) + gl.expand_dims(wg * HALF + c, 0)
                 gl.atomic_add(base + offs, vals, mask=gl.expand_dims(rows < seqlen_q, 1), sem="relaxed")
             mbarrier.arrive(dq_empty.index(wg))
 
 
 @gluon.jit
 def _bwd_producer(q_desc, do_desc, q_smem, do_smem, full, empty, b, hk, group, g_lo, m_lo, n_items_per_head,
-                  n_items, BM: gl.constexpr, HEAD_D: gl.constexpr, NSTAGES: gl.constexpr):
+                  n_items, q_off, BM: gl.constexpr, HEAD_D: gl.constexpr, NSTAGES: gl.constexpr):
     BYTES: gl.constexpr = 2 * BM * HEAD_D * 2
     for it in range(0, n_items):
         h = hk * group + g_lo + it // n_items_per_head
@@ -390,17 +410,17 @@ def _bwd_producer(q_desc, do_desc, q_smem, do_smem, full, empty, b, hk, group, g
         st = it % NSTAGES
         mbarrier.wait(empty.index(st), ((it // NSTAGES) & 1) ^ 1, pred=it >= NSTAGES)
         mbarrier.expect(full.index(st), BYTES)
-        _tma_load(q_desc, [b, m0, h, 0], full.index(st), q_smem.index(st))
-        _tma_load(do_desc, [b, m0, h, 0], full.index(st), do_smem.index(st))
+        _tma_load(q_desc, [b, q_off + m0, h, 0], full.index(st), q_smem.index(st))
+        _tma_load(do_desc, [b, q_off + m0, h, 0], full.index(st), do_smem.index(st))
 
 
 @gluon.jit
-def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, LSE, Delta, DQ, DK, DV, nheads, nheads_k, group, split,
-                   seqlen_q, seqlen_k, scale_log2, sm_scale, stride_lb, stride_lh, stride_dqb, stride_dqm,
+def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, LSE, Delta, DQ, DK, DV, CuQ, CuK, nheads, nheads_k, group,
+                   split, seqlen_q, seqlen_k, scale_log2, sm_scale, stride_lb, stride_lh, stride_dqb, stride_dqm,
                    stride_dqh, stride_dks, stride_dkb, stride_dkn, stride_dkh, stride_dvs, stride_dvb, stride_dvn,
                    stride_dvh, HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                   WRITER_REGS: gl.constexpr):
+                   CAUSAL: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   PRODUCER_REGS: gl.constexpr, WRITER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     WN: gl.constexpr = BN // 2
     # axis 0 runs fastest: every (batch, KV head, share of the group) of one key block is launched before the next
@@ -412,6 +432,16 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, LSE, Delta, DQ, DK, DV, nhea
     b = pid // (split * nheads_k)
     g_per = group // split
     g_lo = gs * g_per
+    q_off = 0
+    k_off = 0
+    if VARLEN:  # packed sequences (batch 1 in the descriptors): this one's rows and lengths
+        q_off = gl.load(CuQ + b)
+        seqlen_q = gl.load(CuQ + b + 1) - q_off
+        k_off = gl.load(CuK + b)
+        seqlen_k = gl.load(CuK + b + 1) - k_off
+        b = b * 0
+    if n_start >= seqlen_k:
+        return
     shift = seqlen_k - seqlen_q
     m_lo = 0
     if CAUSAL:
@@ -446,22 +476,24 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, LSE, Delta, DQ, DK, DV, nhea
         mbarrier.init(dq_empty.index(i), count=1)
     fence_async_shared()
     mbarrier.expect(kv_bar, 2 * BN * HEAD_D * 2)
-    _tma_load(k_desc, [b, n_start, hk, 0], kv_bar, k_all)
-    _tma_load(v_desc, [b, n_start, hk, 0], kv_bar, v_all)
+    _tma_load(k_desc, [b, k_off + n_start, hk, 0], kv_bar, k_all)
+    _tma_load(v_desc, [b, k_off + n_start, hk, 0], kv_bar, v_all)
     mbarrier.wait(kv_bar, 0)
     gl.warp_specialize([
         (_bwd_consumer, (q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar, full, empty, dq_full,
-                         dq_empty, LSE, Delta, DK, DV, b, hk, nheads, group, g_lo, n_items_per_head, n_items, n_start,
-                         0, seqlen_q, seqlen_k, m_lo, shift, scale_log2, sm_scale, stride_lb, stride_lh, stride_dkb,
-                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, HEAD_D, BM, WN, NSTAGES, CAUSAL)),
+                         dq_empty, LSE, Delta, DK, DV, q_off, k_off, b, hk, nheads, group, g_lo, n_items_per_head,
+                         n_items, n_start, 0, seqlen_q, seqlen_k, m_lo, shift, scale_log2, sm_scale, stride_lb,
+                         stride_lh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, HEAD_D, BM,
+                         WN, NSTAGES, CAUSAL)),
         (_bwd_consumer, (q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar, full, empty, dq_full,
-                         dq_empty, LSE, Delta, DK, DV, b, hk, nheads, group, g_lo, n_items_per_head, n_items, n_start,
-                         1, seqlen_q, seqlen_k, m_lo, shift, scale_log2, sm_scale, stride_lb, stride_lh, stride_dkb,
-                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, HEAD_D, BM, WN, NSTAGES, CAUSAL)),
+                         dq_empty, LSE, Delta, DK, DV, q_off, k_off, b, hk, nheads, group, g_lo, n_items_per_head,
+                         n_items, n_start, 1, seqlen_q, seqlen_k, m_lo, shift, scale_log2, sm_scale, stride_lb,
+                         stride_lh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, HEAD_D, BM,
+                         WN, NSTAGES, CAUSAL)),
         (_bwd_producer, (q_desc, do_desc, q_smem, do_smem, full, empty, b, hk, group, g_lo, m_lo,
-                         n_items_per_head, n_items, BM, HEAD_D, NSTAGES)),
+                         n_items_per_head, n_items, q_off, BM, HEAD_D, NSTAGES)),
         (_bwd_dq_writer, (dq_smem, dq_full, dq_empty, DQ, b, hk, group, g_lo, m_lo, n_items_per_head, n_items,
-                          seqlen_q, stride_dqb, stride_dqm, stride_dqh, BM, HEAD_D, 2)),
+                          q_off, seqlen_q, stride_dqb, stride_dqm, stride_dqh, BM, HEAD_D, 2)),
     ], [4, 1, 2], [CONSUMER_REGS, PRODUCER_REGS, WRITER_REGS])
 
 
@@ -492,22 +524,25 @@ def supported(q, k, v, *, causal: bool, varlen: bool, has_bias: bool, has_alibi:
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[-1] == HEAD_DIM and k.shape[-1] == HEAD_DIM and v.shape[-1] == HEAD_DIM):
         return False
-    if varlen or has_bias or has_alibi or dropout_p > 0 or softcap > 0 or windowed_other_than_causal:
+    if has_bias or has_alibi or dropout_p > 0 or softcap > 0 or windowed_other_than_causal:
         return False
-    if seqlen_k < 1 or seqlen_q < 1 or (causal and seqlen_q > seqlen_k):
+    # varlen: the lengths live on the device; a causal row that sees no key is handled in the kernel (and tested
+    # for packed sequences), the dense case keeps the condition it was measured with
+    if seqlen_k < 1 or seqlen_q < 1 or (causal and seqlen_q > seqlen_k and not varlen):
         return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if _capability(index) != (9, 0):
         return False
-    return _tma_ok(q) and _tma_ok(k) and _tma_ok(v)
+    return all(_tma_ok(_as4d(t)) for t in (q, k, v))
 
 
 def supported_backward(q, k, v, dout, **kw) -> bool:
     """Whether :func:`backward` takes this call: :func:`supported`'s conditions, dO readable by TMA, and dQ's
     row offsets within 32 bits (its atomics use them)."""
-    if not supported(q, k, v, **kw) or not _tma_ok(dout) or dout.dtype != q.dtype:
+    if not supported(q, k, v, **kw) or not _tma_ok(_as4d(dout)) or dout.dtype != q.dtype:
         return False
-    return kw["seqlen_q"] * q.shape[2] * HEAD_DIM < 2 ** 31
+    rows = q.shape[0] if q.dim() == 3 else kw["seqlen_q"]  # varlen: offsets run over the packed rows
+    return rows * q.shape[-2] * HEAD_DIM < 2 ** 31
 
 
 def backward_split(batch: int, nheads_k: int, group: int, seqlen_k: int, device: torch.device) -> int:
@@ -526,30 +561,63 @@ def backward_split(batch: int, nheads_k: int, group: int, seqlen_k: int, device:
     return 1
 
 
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    # varlen tensors (total, heads, dim) are read as one batch of packed rows
+    return t.unsqueeze(0) if t.dim() == 3 else t
+
+
 def _desc(t: torch.Tensor, rows: int):
+    t = _as4d(t)
     return TensorDescriptor(t, list(t.shape), _strides(t), [1, rows, 1, HEAD_DIM], smem_layout())
 
 
-def forward(q, k, v, causal: bool, softmax_scale: float, out: torch.Tensor, lse: torch.Tensor):
+def _row_strides(t: torch.Tensor):
+    # (batch, row, head) strides of a dense (batch, seqlen, heads, ...) or varlen (total, heads, ...) tensor
+    return (0, t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool):
+    # dense lse is (batch, heads, seqlen_q); varlen lse is (heads, total_q)
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def forward(q, k, v, causal: bool, softmax_scale: float, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q=None,
+            cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
     """Attention of q (batch, seqlen_q, heads, 128) over k / v (batch, seqlen_k, kv heads, 128) into ``out``
-    (q's shape) and ``lse`` ((batch, heads, seqlen_q) float32, natural log), the Triton forward's conventions."""
-    batch, seqlen_q, nheads, _ = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    (q's shape) and ``lse`` ((batch, heads, seqlen_q) float32, natural log), the Triton forward's conventions.
+    Varlen: q (total_q, heads, 128), k / v (total_k, kv heads, 128), ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32,
+    batch + 1) and the maximum lengths; lse is then (heads, total_q)."""
+    varlen = cu_seqlens_q is not None
+    nheads, nheads_k = q.shape[-2], k.shape[-2]
+    if varlen:
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        cu_q = cu_k = lse  # not read
     grid = (cdiv(seqlen_q, 2 * BLOCK_M), batch * nheads)
     _fwd_ws_kernel[grid](
-        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), out, lse, out.stride(0), out.stride(1),
-        out.stride(2), nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634,
-        HEAD_D=HEAD_DIM, BM=BLOCK_M, BN=BLOCK_N, NSTAGES=STAGES, CAUSAL=causal, CONSUMER_REGS=REGS[0],
-        PRODUCER_REGS=REGS[1], num_warps=4)
+        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), out, lse, cu_q, cu_k, *_row_strides(out),
+        *_lse_strides(lse, varlen), nheads, nheads // nheads_k, seqlen_q, seqlen_k,
+        softmax_scale * 1.4426950408889634, HEAD_D=HEAD_DIM, BM=BLOCK_M, BN=BLOCK_N, NSTAGES=STAGES, CAUSAL=causal,
+        VARLEN=varlen, CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], num_warps=4)
     return out, lse
 
 
-def backward(dout, q, k, v, lse, delta, causal: bool, softmax_scale: float, dq_acc: torch.Tensor, split: int = 1):
+def backward(dout, q, k, v, lse, delta, causal: bool, softmax_scale: float, dq_acc: torch.Tensor, split: int = 1,
+             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
     """Gradients of :func:`forward`'s attention: ``dq_acc`` (q's shape, float32, zeroed) gets dQ added with atomics;
     returns dK and dV (k's dtype; float32 with a leading dimension of ``split`` partial sums when the GQA group is
-    split between programs). ``lse`` is the forward's, ``delta`` rowsum(O * dO), both (batch, heads, seqlen_q)."""
-    batch, seqlen_q, nheads, _ = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    split between programs). ``lse`` is the forward's, ``delta`` rowsum(O * dO), both in lse's layout. Varlen as in
+    :func:`forward`."""
+    varlen = cu_seqlens_q is not None
+    nheads, nheads_k = q.shape[-2], k.shape[-2]
+    if varlen:
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        cu_q = cu_k = lse  # not read
     group = nheads // nheads_k
     if split > 1:
         dk = torch.empty((split,) + tuple(k.shape), dtype=torch.float32, device=k.device)
@@ -564,10 +632,10 @@ def backward(dout, q, k, v, lse, delta, causal: bool, softmax_scale: float, dq_a
     grid = (batch * nheads_k * split, cdiv(seqlen_k, BWD_BLOCK_N))
     _bwd_ws_kernel[grid](
         _desc(q, BWD_BLOCK_M), _desc(k, BWD_BLOCK_N), _desc(v, BWD_BLOCK_N), _desc(dout, BWD_BLOCK_M), lse, delta,
-        dq_acc, dk, dv, nheads, nheads_k, group, split, seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634,
-        softmax_scale, lse.stride(0), lse.stride(1), dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
-        dks, dkl.stride(0), dkl.stride(1), dkl.stride(2), dvs, dvl.stride(0), dvl.stride(1), dvl.stride(2),
-        HEAD_D=HEAD_DIM, BM=BWD_BLOCK_M, BN=BWD_BLOCK_N, NSTAGES=BWD_STAGES, CAUSAL=causal,
+        dq_acc, dk, dv, cu_q, cu_k, nheads, nheads_k, group, split, seqlen_q, seqlen_k,
+        softmax_scale * 1.4426950408889634, softmax_scale, *_lse_strides(lse, varlen), *_row_strides(dq_acc),
+        dks, *_row_strides(dkl), dvs, *_row_strides(dvl),
+        HEAD_D=HEAD_DIM, BM=BWD_BLOCK_M, BN=BWD_BLOCK_N, NSTAGES=BWD_STAGES, CAUSAL=causal, VARLEN=varlen,
         CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], WRITER_REGS=BWD_WRITER_REGS, num_warps=4)
     if split > 1:
         return dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)

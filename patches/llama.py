@@ -31,12 +31,12 @@ decode step (norms, projections, MLP, residuals) as two CUDA graphs, with this f
 ``attention_mask`` and the cache (``past_key_values`` or ``cache``) as keywords, and ``Cache.layers`` /
 ``offloading``; a call that does not look like that runs the class's forward.
 
-Calls without a cache (training steps) rotate q and k with one kernel each (kernels/rotary.py, with its inverse
-in the backward) instead of transformers' five tensor operations (:func:`_rotary_forward`; ``HF_FLASH_FUSED_ROTARY=0``
+Calls without a cache (training steps) rotate q and k with one kernel each (kernels/rotary.py, with its inverse in
+the backward) instead of transformers' five tensor operations (:func:`_rotary_forward`; ``HF_FLASH_FUSED_ROTARY=0``
 turns it off). Measured on an H100, Llama-3-8B shapes, 32 layers, bf16: a training step at 4k 1.04x faster than
-with transformers' rotary (1.06x with gradient checkpointing, 1.04x at 16k with it; benchmarks/NOTES.md). The forward during which a module is set up lazily runs the class
-path, and so does any gradient-checkpointing recomputation of it (recognised by its cos table), so a forward and
-its recomputation always take the same path.
+with transformers' rotary (1.06x with gradient checkpointing, 1.04x at 16k with it; benchmarks/NOTES.md). The
+forward during which a module is set up lazily runs the class path, and so does any gradient-checkpointing
+recomputation of it (recognised by its cos table), so a forward and its recomputation always take the same path.
 
 Not done: sliding-window layers of a StaticCache (a rolling buffer) use the generic path.
 """
@@ -201,8 +201,10 @@ def _fused_forward(self, *args, **kwargs):
 
 def _rotary_inputs(self, hidden: torch.Tensor, kwargs: dict) -> bool:
     """Whether a call without a cache (a training step, a forward with ``use_cache=False``) takes
-    :func:`_rotary_forward`: not turned off with ``HF_FLASH_FUSED_ROTARY=0``, the model's own cos / sin tables in transformers' shape, no sliding window, no ``output_attentions``, not under
-    torch.compile, on CUDA or the CPU interpreter."""
+    :func:`_rotary_forward`: not turned off with ``HF_FLASH_FUSED_ROTARY=0``, the model's own cos / sin tables in
+    transformers' shape, no sliding window, no ``output_attentions``, not under torch.compile, on CUDA or the CPU
+    interpreter.
+    """
     if _launch.env_get("HF_FLASH_FUSED_ROTARY") == "0" or torch.compiler.is_compiling() or hidden.dim() != 3:
         return False
     if (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions")

@@ -63,7 +63,7 @@ def compile_all(features):
 
 def compile_gluon(causal: bool):
     """The warp-specialised Gluon forward and backward (kernels/gluon_attention.py) with the signatures their
-    launchers give them."""
+    launchers give them; the causal build is the varlen one (packed sequences), the other dense."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -73,9 +73,10 @@ def compile_gluon(causal: bool):
     lay = repr(G.smem_layout())
     desc = "tensordesc<bf16[1, {}, 1, %d],%s>" % (G.HEAD_DIM, lay)
     sig = {"q_desc": desc.format(G.BLOCK_M), "k_desc": desc.format(G.BLOCK_N), "v_desc": desc.format(G.BLOCK_N),
-           "O": "*bf16", "LSE": "*fp32", "stride_ob": "i64", "stride_om": "i64", "stride_oh": "i64", "nheads": "i32",
-           "group": "i32", "seqlen_q": "i32", "seqlen_k": "i32", "qk_scale": "fp32"}
-    consts = dict(HEAD_D=G.HEAD_DIM, BM=G.BLOCK_M, BN=G.BLOCK_N, NSTAGES=G.STAGES, CAUSAL=causal,
+           "O": "*bf16", "LSE": "*fp32", "CuQ": "*i32", "CuK": "*i32", "stride_ob": "i64", "stride_om": "i64",
+           "stride_oh": "i64", "stride_lb": "i64", "stride_lh": "i64", "nheads": "i32", "group": "i32",
+           "seqlen_q": "i32", "seqlen_k": "i32", "qk_scale": "fp32"}
+    consts = dict(HEAD_D=G.HEAD_DIM, BM=G.BLOCK_M, BN=G.BLOCK_N, NSTAGES=G.STAGES, CAUSAL=causal, VARLEN=causal,
                   CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1])
     sig.update({n: "constexpr" for n in consts})
     k = triton.compile(GluonASTSource(G._fwd_ws_kernel, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
@@ -85,14 +86,15 @@ def compile_gluon(causal: bool):
         "the Gluon forward lost its wgmma / warp specialisation / 4-D TMA loads"
     bsig = {"q_desc": desc.format(G.BWD_BLOCK_M), "k_desc": desc.format(G.BWD_BLOCK_N),
             "v_desc": desc.format(G.BWD_BLOCK_N), "do_desc": desc.format(G.BWD_BLOCK_M), "LSE": "*fp32",
-            "Delta": "*fp32", "DQ": "*fp32", "DK": "*bf16", "DV": "*bf16", "nheads": "i32", "nheads_k": "i32",
+            "Delta": "*fp32", "DQ": "*fp32", "DK": "*bf16", "DV": "*bf16", "CuQ": "*i32", "CuK": "*i32",
+            "nheads": "i32", "nheads_k": "i32",
             "group": "i32", "split": "i32", "seqlen_q": "i32", "seqlen_k": "i32", "scale_log2": "fp32",
             "sm_scale": "fp32"}
     bsig.update({n: "i64" for n in ("stride_lb", "stride_lh", "stride_dqb", "stride_dqm", "stride_dqh", "stride_dks",
                                     "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvs", "stride_dvb",
                                     "stride_dvn", "stride_dvh")})
     bconsts = dict(HEAD_D=G.HEAD_DIM, BM=G.BWD_BLOCK_M, BN=G.BWD_BLOCK_N, NSTAGES=G.BWD_STAGES, CAUSAL=causal,
-                   CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1], WRITER_REGS=G.BWD_WRITER_REGS)
+                   VARLEN=causal, CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1], WRITER_REGS=G.BWD_WRITER_REGS)
     bsig.update({n: "constexpr" for n in bconsts})
     k = triton.compile(GluonASTSource(G._bwd_ws_kernel, bsig, bconsts, {}), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=4))
@@ -115,7 +117,8 @@ def test_gluon_kernels_compile_for_sm90(causal):
                           capture_output=True, text=True, timeout=600)
     if "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("this Triton has no ptxas for the platform")
-    assert proc.returncode == 0 and "compiled the Gluon forward and backward for sm_90" in proc.stdout, proc.stderr[-3000:]
+    ok = proc.returncode == 0 and "compiled the Gluon forward and backward for sm_90" in proc.stdout
+    assert ok, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("features", ["plain", "all"])

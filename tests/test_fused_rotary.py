@@ -1,7 +1,7 @@
 """The rotary kernel (kernels/rotary.py) against transformers' formula in float64, forward and gradient, and the
-Llama training path that uses it (on by default, HF_FLASH_FUSED_ROTARY=0 turns it off; patches/llama.py): the same losses and
-gradients as the class forward, with the kernels counted; calls with a cache or a sliding window keep the class
-forward."""
+Llama training path that uses it (on by default, HF_FLASH_FUSED_ROTARY=0 turns it off; patches/llama.py): the same
+losses and gradients as the class forward, with the kernels counted; calls with a cache or a sliding window keep
+the class forward."""
 
 from __future__ import annotations
 

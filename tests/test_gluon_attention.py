@@ -1,17 +1,18 @@
 """The warp-specialised Hopper forward and backward (kernels/gluon_attention.py) against attention_ref, with their
 launches counted: odd lengths, GQA / MQA, batches, causal with seqlen_q < seqlen_k, the layouts transformers hands
-over (heads-major views, slices of a fused projection), both 16-bit dtypes, the backward's GQA split; and the cases
-they leave to the Triton kernels. Gluon has no CPU interpreter: on CPU only the dispatch is tested here, and CI compiles
-the kernel for sm_90 (test_compile_sm90.py)."""
+over (heads-major views, slices of a fused projection), packed (varlen) sequences, both 16-bit dtypes, the
+backward's GQA split; and the cases they leave to the Triton kernels. Gluon has no CPU interpreter: on CPU only the
+dispatch is tested here, and CI compiles the kernels for sm_90 (test_compile_sm90.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_flash import flash_attn_func
+from hf_flash import flash_attn_func, flash_attn_varlen_func, pad_input, unpad_input
 from hf_flash.kernels import attention as kern
-from conftest import DEVICE, ON_GPU
+from hf_flash.reference import attention_ref
+from conftest import DEVICE, ON_GPU, check_close
 from test_attention import compare_with_reference, make_qkv
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
@@ -52,6 +53,42 @@ def test_gluon_backward_gqa_split(split, monkeypatch):
     out = flash_attn_func(q, k, v, causal=True)
     with pytest.raises(ValueError, match="HF_FLASH_GLUON_BWD_SPLIT"):
         out.sum().backward()
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_gluon_kernels_take_packed_sequences(causal, dtype):
+    """Varlen (packed) sequences, as transformers' flash path hands over padded and packed training batches: the
+    Gluon forward and backward read each sequence's rows out of the packed tensors (TMA brings in the next
+    sequence's rows past a sequence's end: the kernels mask them). Lengths off every block size, an empty query
+    sequence, an empty key sequence (its rows see no key: output 0, dq 0), and under the causal mask a sequence
+    with more queries than keys (its first rows see no key). Against attention_ref on the padded batch."""
+    lens_q = [300, 5, 0, 777, 40, 129]
+    lens_k = [300, 0, 7, 777, 20, 1000]
+    batch, mq, mk = len(lens_q), max(lens_q), max(lens_k)
+    qpad = (torch.arange(mq).view(1, -1) < torch.tensor(lens_q).view(-1, 1)).to(DEVICE)
+    kpad = (torch.arange(mk).view(1, -1) < torch.tensor(lens_k).view(-1, 1)).to(DEVICE)
+    q, k, v = make_qkv(batch, mq, mk, 8, 2, 128, dtype, seed=7 + causal)
+    q_u, idx_q, cu_q, max_q, _ = unpad_input(q, qpad)
+    k_u, _, cu_k, max_k, _ = unpad_input(k, kpad)
+    v_u = unpad_input(v, kpad)[0]
+    before = dict(kern.launches)
+    out_u = flash_attn_varlen_func(q_u, k_u, v_u, cu_q, cu_k, max_q, max_k, causal=causal)
+    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] + 1, "the Gluon forward did not take the varlen call"
+    out = pad_input(out_u, idx_q, batch, mq)
+    ref, _ = attention_ref(q, k, v, qpad, kpad, causal=causal)
+    ref_lp, _ = attention_ref(q, k, v, qpad, kpad, causal=causal, upcast_dtype=None)
+    check_close("out", out, ref, ref_lp)
+    dout = torch.randn_like(out) * qpad[:, :, None, None]
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    assert kern.launches["bwd_gluon"] == before["bwd_gluon"] + 1, "the Gluon backward did not take the varlen call"
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    want_lp = torch.autograd.grad(ref_lp, (q, k, v), dout)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, want, want_lp):
+        check_close(name, a, b, c, factor=3.0)
+    # the sequence with no keys: zero output and zero dq
+    assert (out[1, :5] == 0).all() and (got[0][1, :5] == 0).all()
 
 
 @needs_hopper
