@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import hf_flash
 from hf_flash.bench.common import _time_with_events
 from hf_flash.kernels import attention as A
+from hf_flash.reference import attention_ref
 
 dev = "cuda"
 res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -34,14 +35,9 @@ def mk(b, sq, sk, h, hk, seed, dtype=torch.bfloat16):
 
 
 def ref_grads(q, k, v, do, causal):
+    # the project's reference in float64 (it repeats KV heads for GQA and aligns the causal mask bottom-right)
     qf, kf, vf = (t.double().requires_grad_(True) for t in (q, k, v))
-    g = q.shape[2] // k.shape[2]
-    kk, vv = kf.repeat_interleave(g, 2), vf.repeat_interleave(g, 2)
-    s = torch.einsum("bmhd,bnhd->bhmn", qf, kk) * 128 ** -0.5
-    if causal:
-        sq, sk = q.shape[1], k.shape[1]
-        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=dev).tril(sk - sq), float("-inf"))
-    o = torch.einsum("bhmn,bnhd->bmhd", s.softmax(-1), vv)
+    o = attention_ref(qf, kf, vf, causal=causal, upcast_dtype=torch.float64)[0]
     return torch.autograd.grad(o, (qf, kf, vf), do.double())
 
 

@@ -50,6 +50,7 @@ Measured on an H100 (bf16, head dim 128, causal, GPU time of the whole backward;
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from triton.experimental import gluon
@@ -58,6 +59,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# the dense / varlen stride conventions of the Triton kernels (this module is imported from that one, lazily)
+from hf_flash.kernels.attention import _Layout, _lse_strides
 from hf_flash.kernels.configs import cdiv
 
 # names that moved between Triton releases (3.6 on the GPU image, 3.9 in CI)
@@ -279,7 +282,7 @@ BWD_WRITER_REGS = 32  # the dQ writer warps (setmaxnreg is per warpgroup: the pr
 @gluon.jit
 def _bwd_consumer(q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar, full, empty, dq_full, dq_empty,
                   LSE, Delta, DK, DV, q_off, k_off,
-                  b, hk, nheads, group, g_lo, n_items_per_head, n_items, n_start, wg, seqlen_q, seqlen_k, m_lo,
+                  b, hk, group, g_lo, n_items_per_head, n_items, n_start, wg, seqlen_q, seqlen_k, m_lo,
                   shift, scale_log2, sm_scale, stride_lb, stride_lh, stride_dkb, stride_dkn, stride_dkh,
                   stride_dvb, stride_dvn, stride_dvh, HEAD_D: gl.constexpr, BM: gl.constexpr, WN: gl.constexpr,
                   NSTAGES: gl.constexpr, CAUSAL: gl.constexpr):
@@ -481,12 +484,12 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, LSE, Delta, DQ, DK, DV, CuQ,
     mbarrier.wait(kv_bar, 0)
     gl.warp_specialize([
         (_bwd_consumer, (q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar, full, empty, dq_full,
-                         dq_empty, LSE, Delta, DK, DV, q_off, k_off, b, hk, nheads, group, g_lo, n_items_per_head,
+                         dq_empty, LSE, Delta, DK, DV, q_off, k_off, b, hk, group, g_lo, n_items_per_head,
                          n_items, n_start, 0, seqlen_q, seqlen_k, m_lo, shift, scale_log2, sm_scale, stride_lb,
                          stride_lh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, HEAD_D, BM,
                          WN, NSTAGES, CAUSAL)),
         (_bwd_consumer, (q_smem, do_smem, k_all, v_all, ds_all, p_all, dq_smem, ds_bar, full, empty, dq_full,
-                         dq_empty, LSE, Delta, DK, DV, q_off, k_off, b, hk, nheads, group, g_lo, n_items_per_head,
+                         dq_empty, LSE, Delta, DK, DV, q_off, k_off, b, hk, group, g_lo, n_items_per_head,
                          n_items, n_start, 1, seqlen_q, seqlen_k, m_lo, shift, scale_log2, sm_scale, stride_lb,
                          stride_lh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, HEAD_D, BM,
                          WN, NSTAGES, CAUSAL)),
@@ -549,8 +552,6 @@ def backward_split(batch: int, nheads_k: int, group: int, seqlen_k: int, device:
     """Programs per (key block, KV head): each takes group / split of the GQA group's query heads (float32
     partials of dK / dV, summed after). ``HF_FLASH_GLUON_BWD_SPLIT`` sets it (a divisor of the group); by default
     1."""
-    import os
-
     env = os.environ.get("HF_FLASH_GLUON_BWD_SPLIT", "").strip()
     if env:
         s = int(env)
@@ -571,14 +572,13 @@ def _desc(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, list(t.shape), _strides(t), [1, rows, 1, HEAD_DIM], smem_layout())
 
 
-def _row_strides(t: torch.Tensor):
-    # (batch, row, head) strides of a dense (batch, seqlen, heads, ...) or varlen (total, heads, ...) tensor
-    return (0, t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), t.stride(1), t.stride(2))
-
-
-def _lse_strides(lse: torch.Tensor, varlen: bool):
-    # dense lse is (batch, heads, seqlen_q); varlen lse is (heads, total_q)
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+def _problem(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """(varlen, batch, seqlen_q, seqlen_k, cu_q, cu_k) of a dense or varlen call; the lengths of a varlen call are
+    the maxima (each program reads its own from cu_seqlens), and a dense call passes ``lse`` as the never-read
+    cu_seqlens pointers."""
+    if cu_seqlens_q is not None:
+        return True, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k
+    return False, q.shape[0], q.shape[1], k.shape[1], lse, lse
 
 
 def forward(q, k, v, causal: bool, softmax_scale: float, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q=None,
@@ -587,17 +587,12 @@ def forward(q, k, v, causal: bool, softmax_scale: float, out: torch.Tensor, lse:
     (q's shape) and ``lse`` ((batch, heads, seqlen_q) float32, natural log), the Triton forward's conventions.
     Varlen: q (total_q, heads, 128), k / v (total_k, kv heads, 128), ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32,
     batch + 1) and the maximum lengths; lse is then (heads, total_q)."""
-    varlen = cu_seqlens_q is not None
+    varlen, batch, seqlen_q, seqlen_k, cu_q, cu_k = _problem(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                             max_seqlen_k)
     nheads, nheads_k = q.shape[-2], k.shape[-2]
-    if varlen:
-        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
-        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
-    else:
-        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-        cu_q = cu_k = lse  # not read
     grid = (cdiv(seqlen_q, 2 * BLOCK_M), batch * nheads)
     _fwd_ws_kernel[grid](
-        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), out, lse, cu_q, cu_k, *_row_strides(out),
+        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), out, lse, cu_q, cu_k, *_Layout(out, varlen).strides(),
         *_lse_strides(lse, varlen), nheads, nheads // nheads_k, seqlen_q, seqlen_k,
         softmax_scale * 1.4426950408889634, HEAD_D=HEAD_DIM, BM=BLOCK_M, BN=BLOCK_N, NSTAGES=STAGES, CAUSAL=causal,
         VARLEN=varlen, CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], num_warps=4)
@@ -610,14 +605,9 @@ def backward(dout, q, k, v, lse, delta, causal: bool, softmax_scale: float, dq_a
     returns dK and dV (k's dtype; float32 with a leading dimension of ``split`` partial sums when the GQA group is
     split between programs). ``lse`` is the forward's, ``delta`` rowsum(O * dO), both in lse's layout. Varlen as in
     :func:`forward`."""
-    varlen = cu_seqlens_q is not None
+    varlen, batch, seqlen_q, seqlen_k, cu_q, cu_k = _problem(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                             max_seqlen_k)
     nheads, nheads_k = q.shape[-2], k.shape[-2]
-    if varlen:
-        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
-        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
-    else:
-        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-        cu_q = cu_k = lse  # not read
     group = nheads // nheads_k
     if split > 1:
         dk = torch.empty((split,) + tuple(k.shape), dtype=torch.float32, device=k.device)
@@ -633,8 +623,8 @@ def backward(dout, q, k, v, lse, delta, causal: bool, softmax_scale: float, dq_a
     _bwd_ws_kernel[grid](
         _desc(q, BWD_BLOCK_M), _desc(k, BWD_BLOCK_N), _desc(v, BWD_BLOCK_N), _desc(dout, BWD_BLOCK_M), lse, delta,
         dq_acc, dk, dv, cu_q, cu_k, nheads, nheads_k, group, split, seqlen_q, seqlen_k,
-        softmax_scale * 1.4426950408889634, softmax_scale, *_lse_strides(lse, varlen), *_row_strides(dq_acc),
-        dks, *_row_strides(dkl), dvs, *_row_strides(dvl),
+        softmax_scale * 1.4426950408889634, softmax_scale, *_lse_strides(lse, varlen),
+        *_Layout(dq_acc, varlen).strides(), dks, *_Layout(dkl, varlen).strides(), dvs, *_Layout(dvl, varlen).strides(),
         HEAD_D=HEAD_DIM, BM=BWD_BLOCK_M, BN=BWD_BLOCK_N, NSTAGES=BWD_STAGES, CAUSAL=causal, VARLEN=varlen,
         CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], WRITER_REGS=BWD_WRITER_REGS, num_warps=4)
     if split > 1:

@@ -79,28 +79,28 @@ def compile_gluon(causal: bool):
     consts = dict(HEAD_D=G.HEAD_DIM, BM=G.BLOCK_M, BN=G.BLOCK_N, NSTAGES=G.STAGES, CAUSAL=causal, VARLEN=causal,
                   CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1])
     sig.update({n: "constexpr" for n in consts})
-    k = triton.compile(GluonASTSource(G._fwd_ws_kernel, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4))
-    ptx = k.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor.4d" in ptx, \
-        "the Gluon forward lost its wgmma / warp specialisation / 4-D TMA loads"
+
+    def ptx_of(fn, signature, constants, what):
+        kernel = triton.compile(GluonASTSource(fn, signature, constants, {}), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=4))
+        ptx = kernel.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor.4d" in ptx, \
+            f"the Gluon {what} lost its wgmma / warp specialisation / 4-D TMA loads"
+        return ptx
+
+    ptx_of(G._fwd_ws_kernel, sig, consts, "forward")
     bsig = {"q_desc": desc.format(G.BWD_BLOCK_M), "k_desc": desc.format(G.BWD_BLOCK_N),
             "v_desc": desc.format(G.BWD_BLOCK_N), "do_desc": desc.format(G.BWD_BLOCK_M), "LSE": "*fp32",
             "Delta": "*fp32", "DQ": "*fp32", "DK": "*bf16", "DV": "*bf16", "CuQ": "*i32", "CuK": "*i32",
-            "nheads": "i32", "nheads_k": "i32",
-            "group": "i32", "split": "i32", "seqlen_q": "i32", "seqlen_k": "i32", "scale_log2": "fp32",
-            "sm_scale": "fp32"}
+            "nheads": "i32", "nheads_k": "i32", "group": "i32", "split": "i32", "seqlen_q": "i32", "seqlen_k": "i32",
+            "scale_log2": "fp32", "sm_scale": "fp32"}
     bsig.update({n: "i64" for n in ("stride_lb", "stride_lh", "stride_dqb", "stride_dqm", "stride_dqh", "stride_dks",
                                     "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvs", "stride_dvb",
                                     "stride_dvn", "stride_dvh")})
     bconsts = dict(HEAD_D=G.HEAD_DIM, BM=G.BWD_BLOCK_M, BN=G.BWD_BLOCK_N, NSTAGES=G.BWD_STAGES, CAUSAL=causal,
                    VARLEN=causal, CONSUMER_REGS=G.REGS[0], PRODUCER_REGS=G.REGS[1], WRITER_REGS=G.BWD_WRITER_REGS)
     bsig.update({n: "constexpr" for n in bconsts})
-    k = triton.compile(GluonASTSource(G._bwd_ws_kernel, bsig, bconsts, {}), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4))
-    ptx = k.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor.4d" in ptx, \
-        "the Gluon backward lost its wgmma / warp specialisation / 4-D TMA loads"
+    ptx = ptx_of(G._bwd_ws_kernel, bsig, bconsts, "backward")
     assert "red.global" in ptx or "atom.global" in ptx, "the Gluon backward does not add dQ with atomics"
     return "compiled the Gluon forward and backward for sm_90"
 
@@ -108,8 +108,7 @@ def compile_gluon(causal: bool):
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_kernels_compile_for_sm90(causal):
     """Gluon has no CPU interpreter: this is what CI checks of the Hopper forward and backward (the GPU tests run
-    them), and its
-    API moves between Triton releases (3.6 on the GPU image, 3.9 in CI)."""
+    them), and its API moves between Triton releases (3.6 on the GPU image, 3.9 in CI)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     from conftest import subprocess_env
 

@@ -166,70 +166,62 @@ def test_dispatch_declines_where_the_kernel_cannot_run():
         assert kern.launches["fwd_gluon"] == before
 
 
-def test_a_gluon_api_this_kernel_does_not_match_falls_back_with_a_warning(monkeypatch):
-    """Where the forward fails to compile (a Triton whose Gluon API moved), the call still returns the right answer
-    from the Triton forward, with one warning, and later calls do not try the Gluon forward again."""
+def _failing_gluon(monkeypatch, direction: str, error: Exception):
+    """A stand-in for kernels/gluon_attention.py whose ``direction`` kernel takes every call and fails to compile
+    with ``error``, installed with a fresh broken-kernel set; returns (stand-in, that set)."""
     class Fake:
         calls = 0
 
         @staticmethod
         def supported(*a, **k):
-            return True
+            return direction == "fwd"
 
         @staticmethod
         def supported_backward(*a, **k):
-            return False
-
-        @classmethod
-        def forward(cls, *a, **k):
-            cls.calls += 1
-            raise AttributeError("module 'gluon.language' has no attribute 'warp_specialize'")
-
-    broken = set()
-    monkeypatch.setattr(kern, "_GLUON_BROKEN", broken)
-    monkeypatch.setattr(kern, "_gluon", lambda direction: None if direction in broken else Fake)
-    q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16)
-    before = dict(kern.launches)
-    with pytest.warns(RuntimeWarning, match="forward did not compile.*AttributeError.*HF_FLASH_GLUON_FWD=0"):
-        compare_with_reference(q, k, v, causal=True, grads=False)
-    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] and broken == {"fwd"}
-    compare_with_reference(q, k, v, causal=True, grads=False)
-    assert Fake.calls == 1
-
-
-def test_a_gluon_backward_that_does_not_compile_falls_back_with_a_warning(monkeypatch):
-    """The same for the backward: the Triton backward gives the gradients, one warning, no second attempt; the
-    forward's Gluon state is left alone."""
-    class Fake:
-        calls = 0
-
-        @staticmethod
-        def supported(*a, **k):
-            return False
-
-        @staticmethod
-        def supported_backward(*a, **k):
-            return True
+            return direction == "bwd"
 
         @staticmethod
         def backward_split(*a, **k):
             return 1
 
         @classmethod
-        def backward(cls, *a, **k):
+        def _fail(cls, *a, **k):
             cls.calls += 1
-            raise TypeError("warpgroup_mma() got an unexpected keyword argument 'is_async'")
+            raise error
 
+    setattr(Fake, "forward" if direction == "fwd" else "backward", Fake._fail)
     broken = set()
     monkeypatch.setattr(kern, "_GLUON_BROKEN", broken)
-    monkeypatch.setattr(kern, "_gluon", lambda direction: None if direction in broken else Fake)
+    monkeypatch.setattr(kern, "_gluon", lambda d: None if d in broken else Fake)
+    return Fake, broken
+
+
+def test_a_gluon_api_this_kernel_does_not_match_falls_back_with_a_warning(monkeypatch):
+    """Where the forward fails to compile (a Triton whose Gluon API moved), the call still returns the right answer
+    from the Triton forward, with one warning, and later calls do not try the Gluon forward again."""
+    fake, broken = _failing_gluon(monkeypatch, "fwd",
+                                  AttributeError("module 'gluon.language' has no attribute 'warp_specialize'"))
+    q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16)
+    before = dict(kern.launches)
+    with pytest.warns(RuntimeWarning, match="forward did not compile.*AttributeError.*HF_FLASH_GLUON_FWD=0"):
+        compare_with_reference(q, k, v, causal=True, grads=False)
+    assert kern.launches["fwd_gluon"] == before["fwd_gluon"] and broken == {"fwd"}
+    compare_with_reference(q, k, v, causal=True, grads=False)
+    assert fake.calls == 1
+
+
+def test_a_gluon_backward_that_does_not_compile_falls_back_with_a_warning(monkeypatch):
+    """The same for the backward: the Triton backward gives the gradients, one warning, no second attempt; the
+    forward's Gluon state is left alone."""
+    fake, broken = _failing_gluon(monkeypatch, "bwd",
+                                  TypeError("warpgroup_mma() got an unexpected keyword argument 'is_async'"))
     q, k, v = make_qkv(1, 70, 70, 4, 2, 128, torch.bfloat16)
     before = dict(kern.launches)
     with pytest.warns(RuntimeWarning, match="backward did not compile.*TypeError.*HF_FLASH_GLUON_BWD=0"):
         compare_with_reference(q, k, v, causal=True)
     assert broken == {"bwd"} and kern.launches["bwd_dkdv"] == before["bwd_dkdv"] + 1
     compare_with_reference(q, k, v, causal=True)
-    assert Fake.calls == 1 and kern.launches["bwd_gluon"] == before["bwd_gluon"]
+    assert fake.calls == 1 and kern.launches["bwd_gluon"] == before["bwd_gluon"]
 
 
 def test_triton_version_gate_reads_release_and_development_versions():
