@@ -51,7 +51,7 @@ STAGES_TSV="$OUT_DIR/logs/stages.tsv"
 T0=$SECONDS
 
 declare -A BUDGET=([tests]="${BUDGET_TESTS:-240}" [check]="${BUDGET_CHECK:-60}" [kernels]="${BUDGET_KERNELS:-200}"
-                   [decode]="${BUDGET_DECODE:-90}" [e2e]="${BUDGET_E2E:-120}"
+                   [decode]="${BUDGET_DECODE:-240}" [e2e]="${BUDGET_E2E:-120}"
                    [distributed]="${BUDGET_DISTRIBUTED:-500}" [probes]="${BUDGET_PROBES:-300}")
 
 want() { [[ ",$ONLY," == *",$1,"* ]] && [[ ",$SKIP," != *",$1,"* ]]; }

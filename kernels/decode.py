@@ -30,6 +30,12 @@ atomic ticket per tile) combine the partials inside the split kernel, one launch
 it was slower (4k tokens, 32/8 heads: 0.79 vs 0.86 TB/s; the winner's serial tail outweighs the saved launch),
 so it is not the default.
 
+On Hopper (capability 9.0) the split kernel of the calls kernels/gluon_decode.py supports (float16 / bfloat16, head
+dim 128, dense caches, at most 64 query rows per KV head, causal or no window) is that module's TMA kernel in Gluon,
+with the same partials and combine, except for decode plans (below), which keep the Triton kernels for their cheaper
+host launches. ``HF_FLASH_GLUON_DECODE=0`` turns it off; where it does not compile it warns once and this module's
+kernel runs.
+
 Host time: a model calls this once per layer per generated token. ``plan_decode`` records a call's launches as a
 ``DecodePlan`` that later calls of the same signature replay (the compiled kernels launched directly with the new
 tensors swapped in, the partials' buffers kept in the plan); ``hf_flash.kvcache.decode_attention`` keeps them.
@@ -366,13 +372,9 @@ def _split_kv_kernel(
         if SPLIT:
             prow = (split * tl.num_programs(0) + bh).to(tl.int64) * rows_pad + offs_m
             tl.store(LSE_PART + prow, lse2, mask=row_ok)
-            if FUSED:
-                # every row's partial is written (zeros for a row without keys), so the combine loads the
-                # partials without waiting for the log-sum-exps
-                tl.store(O_PART + prow[:, None] * HEADDIM + offs_d[None, :], o, mask=row_ok[:, None] & dmask[None, :])
-            else:
-                tl.store(O_PART + prow[:, None] * HEADDIM + offs_d[None, :], o,
-                         mask=(row_ok & has)[:, None] & dmask[None, :])
+            # every row's partial is written (zeros for a row without keys), so the combine loads the partials
+            # without waiting for the log-sum-exps
+            tl.store(O_PART + prow[:, None] * HEADDIM + offs_d[None, :], o, mask=row_ok[:, None] & dmask[None, :])
             if FUSED:
                 # the last of the tile's splits to finish combines them: every thread's partial stores are
                 # ordered before the ticket (barrier, then a gpu-scope acq_rel atomic), and the winner's loads
@@ -457,8 +459,9 @@ def _combine_kernel(
 
     One program per (sequence and KV head, row). The partials are read SPLIT_TILE splits at a time as one
     (SPLIT_TILE, BLOCK_D) tile, so their loads are in flight together (a loop of one split per step waits for
-    each load in turn: at 32 splits that wait was most of a short decode step). Empty partials (lse -inf) get
-    weight 0 and are not read; a row whose partials are all empty saw no key: output 0, log-sum-exp +inf.
+    each load in turn: at 32 splits that wait was most of a short decode step). Every split kernel writes every
+    row's partial (zeros for an empty one, lse -inf: weight 0), so the partials' loads do not wait for the
+    log-sum-exps; a row whose partials are all empty saw no key: output 0, log-sum-exp +inf.
     """
     bh = tl.program_id(0)
     r = tl.program_id(1)
@@ -491,7 +494,7 @@ def _combine_kernel(
             ls = tl.load(LSE_PART + prow, mask=offs_s < num_splits, other=float("-inf"))
             w = tl.exp2(ls - mx_use)
             o = tl.load(O_PART + prow[:, None] * HEADDIM + offs_d[None, :],
-                        mask=(ls > float("-inf"))[:, None] & dmask[None, :], other=0.0)
+                        mask=(offs_s < num_splits)[:, None] & dmask[None, :], other=0.0)
             acc += tl.sum(w[:, None] * o, 0)
         has = denom > 0.0
         out = acc / tl.where(has, denom, 1.0)
@@ -579,14 +582,14 @@ def _append_rotary_kernel(
 @functools.lru_cache(maxsize=4096)
 def num_splits_heuristic(batch: int, nheads_k: int, seqlen_k_upper: int, num_sms: int, m_blocks: int = 1,
                          block_n: int = 64, programs_per_sm: int = 2, min_keys_per_split: int = 256,
-                         max_splits: int = 128) -> int:
+                         max_splits: int = 128, min_efficiency: float = 0.85) -> int:
     """How many chunks to cut the keys into, from host-known sizes only (no device lengths are read).
 
     ``seqlen_k_upper`` is the cache's capacity. Enough (batch, KV head, query tile) programs already fill the
     GPU: 1. Otherwise take the smallest split count whose grid fills ``num_sms * programs_per_sm`` slots in
-    waves at least 85% as efficiently as the best count, each chunk keeping at least ``min_keys_per_split``
-    keys (measured on the H100, tune_decode: a batch-1 32/8-head 4k cache ran at 0.92 TB/s with 16 chunks of
-    256 keys against 0.84 with 32 chunks of 128), and no chunk left empty.
+    waves at least ``min_efficiency`` (85%) as efficiently as the best count, each chunk keeping at least
+    ``min_keys_per_split`` keys (measured on the H100, tune_decode: a batch-1 32/8-head 4k cache ran at 0.92 TB/s
+    with 16 chunks of 256 keys against 0.84 with 32 chunks of 128), and no chunk left empty.
     """
     n_blocks = max(1, -(-seqlen_k_upper // block_n))
     programs = batch * nheads_k * m_blocks
@@ -603,7 +606,7 @@ def num_splits_heuristic(batch: int, nheads_k: int, seqlen_k_upper: int, num_sms
         candidates.append((s, waves / math.ceil(waves)))
     best = max(eff for _, eff in candidates)
     for s, eff in candidates:
-        if eff >= 0.85 * best:
+        if eff >= min_efficiency * best:
             return s
     return 1
 
@@ -676,7 +679,31 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         cfg = dict(cfg, BLOCK_N=bn, num_warps=nw, num_stages=ns)
     BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     m_blocks = max(1, cdiv(rows, BLOCK_M))
-    if num_splits <= 0:
+    unified = unified_max is not None and q.dtype != torch.float16
+    causal_only = window_right == 0 and window_left < 0
+    if fused_combine is None:
+        fused_combine = os.environ.get("HF_FLASH_DECODE_FUSED", "0") == "1"
+    gluon = None
+    if block_m is None and not fused_combine and record is None:
+        # the Hopper TMA kernel, where the host time of a launch does not decide: not for a plan (a model's
+        # eager per-layer decode call, kvcache.decode_attention), whose replays of the Triton kernels cost
+        # 22-28 us of host time per call against 37-43 for the Gluon kernel's (H100 box), more than its GPU time
+        # saves (4k keys, 32/8 heads: 5.8 vs 8.4 us)
+        gluon = _gluon_decode()
+        if gluon is not None and not gluon.supported(
+                q, k, v, varlen_q=varlen, paged=paged, window=(window_left >= 0 or window_right >= 0)
+                and not causal_only, softcap=float(softcap), alibi=alibi_slopes is not None, unified=unified,
+                rows=rows):
+            gluon = None
+    if gluon is not None:
+        # the TMA kernel's key blocks and one program per SM slot (kernels/gluon_decode.py)
+        gcfg = gluon.config()
+        BLOCK_N = gcfg["BLOCK_N"]
+        if num_splits <= 0:
+            num_splits = num_splits_heuristic(batch, nheads_k, capacity, num_sms(q.device), 1, BLOCK_N,
+                                              programs_per_sm=gcfg["programs_per_sm"],
+                                              min_keys_per_split=gcfg["min_keys"], min_efficiency=0.95)
+    elif num_splits <= 0:
         # the interpreter's tests use caches of a few hundred keys: 2 blocks a chunk there, so they still split
         num_splits = num_splits_heuristic(batch, nheads_k, capacity, num_sms(q.device), m_blocks, BLOCK_N,
                                           min_keys_per_split=256 if q.is_cuda else 2 * BLOCK_N)
@@ -703,7 +730,6 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
         lse_part = torch.empty((num_splits, batch * nheads_k, rows_pad), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = lse
-    unified = unified_max is not None and q.dtype != torch.float16
     if unified:
         fallback = torch.zeros((num_splits, batch * nheads_k, m_blocks), dtype=torch.int32, device=q.device)
         last_fallback_flags = fallback
@@ -717,8 +743,6 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         alibi_batch_stride = alibi_slopes.stride(0)
 
-    if fused_combine is None:
-        fused_combine = os.environ.get("HF_FLASH_DECODE_FUSED", "0") == "1"
     fused = split and bool(fused_combine)
     counter = _counters(q.device, batch * nheads_k * m_blocks) if fused else dummy
     comb_m = min(BLOCK_M, next_pow2(max(rows, 1)))
@@ -728,37 +752,53 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
     comb_s = min(block_s, max(1, 8192 // (comb_m * BLOCK_D))) if q.is_cuda else 2
 
     pdl = split and not fused and q.is_cuda and _pdl_ok(q.device)
-    grid = (batch * nheads_k, num_splits, m_blocks)
-    split_args = dict(
-        Q=q, K=k, V=v, OUT=out, LSE=lse, O_PART=o_part, LSE_PART=lse_part, FALLBACK=fallback, COUNTER=counter,
-        SEQLENS_K=seqlens_k if seqlens_k is not None else dummy,
-        CU_Q=cu_seqlens_q if varlen else dummy,
-        LEFTPAD=leftpad if leftpad is not None else dummy,
-        BATCH_IDX=batch_idx if batch_idx is not None else dummy,
-        BLOCK_TABLE=block_table if paged else dummy,
-        ALIBI=alibi_slopes if alibi_slopes is not None else dummy,
-        stride_qb=sqb, stride_qt=sqt, stride_qh=sqh,
-        stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
-        stride_vb=v.stride(0), stride_vs=v.stride(1), stride_vh=v.stride(2),
-        stride_ob=sob, stride_ot=sot, stride_oh=soh, stride_lb=slb, stride_lh=slh, stride_lt=slt,
-        stride_btb=block_table.stride(0) if paged else 0, stride_alb=alibi_batch_stride,
-        nheads_k=nheads_k, group=group, seqlen_q=seqlen_q, capacity=capacity, chunk=chunk, rows_pad=rows_pad,
-        num_pages=k.shape[0],
-        qk_scale2=qk_scale2, softcap=softcap if has_softcap else 1.0, softcap2=softcap * LOG2E,
-        phi2=float(unified_max) * LOG2E if unified else 0.0, window_left=int(window_left),
-        window_right=int(window_right),
-        HAS_SEQLENS=seqlens_k is not None, VARLEN_Q=varlen, HAS_LEFTPAD=leftpad is not None,
-        HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
-        HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
-        WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, FUSED=fused, HEADDIM=d, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=dot_precision(q.dtype, q.device),
-        NUM_STAGES=cfg["num_stages"], COMB_M=comb_m, COMB_S=comb_s, BLOCK_S=block_s, PDL=pdl,
-    )
-    split_opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    kernel = _launch.launch(_split_kv_kernel, grid, split_args, **split_opts)
-    if record is not None:
-        record.append((_split_kv_kernel, grid, split_args, kernel, split_opts))
-    LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
+    if gluon is not None:
+        try:
+            gluon.split_forward(q, k, v, out, lse=lse, o_part=o_part, lse_part=lse_part, softmax_scale=softmax_scale,
+                                causal=causal_only and seqlen_q > 1, num_splits=num_splits, chunk=chunk,
+                                rows_pad=rows_pad, seqlens_k=seqlens_k, leftpad=leftpad, batch_idx=batch_idx,
+                                capacity=capacity, block_n=BLOCK_N, stages=gcfg["stages"])
+        except _gluon_compile_errors() as err:  # a Gluon API this kernel does not match: the Triton kernel
+            _gluon_decode_failed(err)
+            gluon = None
+        else:
+            LAUNCHES["split_kv"] += 1
+            LAUNCHES["split_kv_gluon"] += 1
+            # measured slower with the combine as a programmatic dependent launch of this kernel (H100, 32 calls
+            # in a graph, 4k: 1.16 vs 1.34 TB/s), so it follows as a normal launch
+            pdl = False
+    if gluon is None:
+        grid = (batch * nheads_k, num_splits, m_blocks)
+        split_args = dict(
+            Q=q, K=k, V=v, OUT=out, LSE=lse, O_PART=o_part, LSE_PART=lse_part, FALLBACK=fallback, COUNTER=counter,
+            SEQLENS_K=seqlens_k if seqlens_k is not None else dummy,
+            CU_Q=cu_seqlens_q if varlen else dummy,
+            LEFTPAD=leftpad if leftpad is not None else dummy,
+            BATCH_IDX=batch_idx if batch_idx is not None else dummy,
+            BLOCK_TABLE=block_table if paged else dummy,
+            ALIBI=alibi_slopes if alibi_slopes is not None else dummy,
+            stride_qb=sqb, stride_qt=sqt, stride_qh=sqh,
+            stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
+            stride_vb=v.stride(0), stride_vs=v.stride(1), stride_vh=v.stride(2),
+            stride_ob=sob, stride_ot=sot, stride_oh=soh, stride_lb=slb, stride_lh=slh, stride_lt=slt,
+            stride_btb=block_table.stride(0) if paged else 0, stride_alb=alibi_batch_stride,
+            nheads_k=nheads_k, group=group, seqlen_q=seqlen_q, capacity=capacity, chunk=chunk, rows_pad=rows_pad,
+            num_pages=k.shape[0],
+            qk_scale2=qk_scale2, softcap=softcap if has_softcap else 1.0, softcap2=softcap * LOG2E,
+            phi2=float(unified_max) * LOG2E if unified else 0.0, window_left=int(window_left),
+            window_right=int(window_right),
+            HAS_SEQLENS=seqlens_k is not None, VARLEN_Q=varlen, HAS_LEFTPAD=leftpad is not None,
+            HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE_SIZE=page_size,
+            HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=has_softcap, WIN_LEFT=window_left >= 0,
+            WIN_RIGHT=window_right >= 0, UNIFIED=unified, SPLIT=split, FUSED=fused, HEADDIM=d, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=dot_precision(q.dtype, q.device),
+            NUM_STAGES=cfg["num_stages"], COMB_M=comb_m, COMB_S=comb_s, BLOCK_S=block_s, PDL=pdl,
+        )
+        split_opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        kernel = _launch.launch(_split_kv_kernel, grid, split_args, **split_opts)
+        if record is not None:
+            record.append((_split_kv_kernel, grid, split_args, kernel, split_opts))
+        LAUNCHES["split_kv_unified" if unified else "split_kv"] += 1
     if fused:
         LAUNCHES["fused_combine"] += 1
     elif split:
@@ -897,6 +937,47 @@ def plan_append(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cos, sin):
     roles = {"Q": "q", "Q_ROT": "q", "K_NEW": "k", "V_NEW": "v", "K": "kc", "V": "vc", "COS": "cos", "SIN": "sin",
              "CACHE_SEQLENS": "slots", "BATCH_IDX": "slots", "BLOCK_TABLE": "slots"}
     return AppendPlan(_Recorded(fn, grid, args, kernel, opts, roles))
+
+
+_GLUON_DECODE: list = []  # kernels/gluon_decode.py once imported (None where it cannot be)
+_GLUON_DECODE_BROKEN: list = []  # the first compile / launch failure, after which the Triton kernel runs
+
+
+def _gluon_decode():
+    """kernels/gluon_decode.py (the TMA split kernel for Hopper) unless ``HF_FLASH_GLUON_DECODE=0``, under the
+    interpreter, with a Triton older than 3.6 or without Gluon's Hopper API (the import is tried once), or after it
+    failed to compile here (:func:`_gluon_decode_failed`)."""
+    if (_GLUON_DECODE_BROKEN or _launch.env_get("HF_FLASH_GLUON_DECODE", "1") == "0"
+            or _launch.env_get("TRITON_INTERPRET") == "1"):
+        return None
+    if not _GLUON_DECODE:
+        from hf_flash.kernels import attention
+
+        module = None
+        if attention._version(triton.__version__) >= attention.GLUON_MIN_TRITON:
+            try:
+                from hf_flash.kernels import gluon_decode as module
+            except (ImportError, AttributeError):
+                module = None
+        _GLUON_DECODE.append(module)
+    return _GLUON_DECODE[0]
+
+
+def _gluon_compile_errors() -> tuple:
+    from hf_flash.kernels import attention
+
+    return attention._GLUON_COMPILE_ERRORS
+
+
+def _gluon_decode_failed(err: Exception) -> None:
+    """The Gluon decode kernel did not compile with this Triton: warn once, use the Triton kernel from now on."""
+    import warnings
+
+    _GLUON_DECODE_BROKEN.append(err)
+    first = str(err).splitlines()[0] if str(err) else ""
+    warnings.warn(f"hf_flash: the Hopper (Gluon) split-KV decode kernel did not compile with triton "
+                  f"{triton.__version__} ({type(err).__name__}: {first}); using the Triton kernel (set "
+                  "HF_FLASH_GLUON_DECODE=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=16)

@@ -62,8 +62,9 @@ def compile_all(features):
 
 
 def compile_gluon(causal: bool):
-    """The warp-specialised Gluon forward and backward (kernels/gluon_attention.py) with the signatures their
-    launchers give them; the causal build is the varlen one (packed sequences), the other dense."""
+    """The warp-specialised Gluon forward and backward (kernels/gluon_attention.py) and split-KV decode kernel
+    (kernels/gluon_decode.py) with the signatures their launchers give them; the causal build is the varlen one
+    (packed sequences), the other dense."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -102,13 +103,29 @@ def compile_gluon(causal: bool):
     bsig.update({n: "constexpr" for n in bconsts})
     ptx = ptx_of(G._bwd_ws_kernel, bsig, bconsts, "backward")
     assert "red.global" in ptx or "atom.global" in ptx, "the Gluon backward does not add dQ with atomics"
-    return "compiled the Gluon forward and backward for sm_90"
+
+    # the split-KV decode kernel (kernels/gluon_decode.py): the causal build takes every optional input and writes
+    # partials for the combine kernel; the other writes the output itself
+    from hf_flash.kernels import gluon_decode as GD
+
+    ddesc = "tensordesc<bf16[1, %d, 1, %d],%s>" % (GD.BLOCK_N, GD.HEAD_DIM, repr(GD.smem_layout()))
+    dsig = {"k_desc": ddesc, "v_desc": ddesc, "Q": "*bf16", "OUT": "*bf16", "LSE": "*fp32", "O_PART": "*fp32",
+            "LSE_PART": "*fp32", "SEQLENS_K": "*i32", "LEFTPAD": "*i32", "BATCH_IDX": "*i32"}
+    dsig.update({n: "i32" for n in ("stride_qb", "stride_qt", "stride_qh", "stride_ob", "stride_ot", "stride_oh",
+                                    "stride_lb", "stride_lh", "stride_lt", "nheads_k", "group", "seqlen_q",
+                                    "capacity", "batch_cache", "chunk", "rows_pad")})
+    dsig["qk_scale"] = "fp32"
+    dconsts = dict(HAS_SEQLENS=causal, HAS_LEFTPAD=causal, HAS_BATCH_IDX=causal, CAUSAL=causal, SPLIT=causal,
+                   HEAD_D=GD.HEAD_DIM, BM=GD.BLOCK_M, BN=GD.BLOCK_N, NSTAGES=GD.STAGES, PRODUCER_REGS=GD.REGS)
+    dsig.update({n: "constexpr" for n in dconsts})
+    ptx_of(GD._decode_kernel, dsig, dconsts, "split-KV decode kernel")
+    return "compiled the Gluon forward, backward and decode kernels for sm_90"
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_kernels_compile_for_sm90(causal):
-    """Gluon has no CPU interpreter: this is what CI checks of the Hopper forward and backward (the GPU tests run
-    them), and its API moves between Triton releases (3.6 on the GPU image, 3.9 in CI)."""
+    """Gluon has no CPU interpreter: this is what CI checks of the Hopper forward, backward and decode kernels (the
+    GPU tests run them), and its API moves between Triton releases (3.6 on the GPU image, 3.9 in CI)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     from conftest import subprocess_env
 
@@ -116,7 +133,7 @@ def test_gluon_kernels_compile_for_sm90(causal):
                           capture_output=True, text=True, timeout=600)
     if "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("this Triton has no ptxas for the platform")
-    ok = proc.returncode == 0 and "compiled the Gluon forward and backward for sm_90" in proc.stdout
+    ok = proc.returncode == 0 and "compiled the Gluon forward, backward and decode kernels for sm_90" in proc.stdout
     assert ok, proc.stderr[-3000:]
 
 

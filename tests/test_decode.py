@@ -593,7 +593,9 @@ def test_direct_launch_reuses_the_compiled_kernel_and_respects_its_specializatio
 def test_combine_as_programmatic_dependent_launch(pdl, monkeypatch):
     """On Hopper the combine kernel is launched as a programmatic dependent launch of the split kernel (it starts
     early and waits for the partials with griddepcontrol.wait) with HF_FLASH_DECODE_PDL=1, not by default or with
-    0. Results match the reference for several split counts, eagerly and replayed from a CUDA graph."""
+    0. Results match the reference for several split counts, eagerly and replayed from a CUDA graph. (After the
+    Triton split kernel: the Hopper Gluon kernel's combine is never a PDL launch, test_gluon_decode.py.)"""
+    monkeypatch.setenv("HF_FLASH_GLUON_DECODE", "0")
     if pdl == "default":
         monkeypatch.delenv("HF_FLASH_DECODE_PDL", raising=False)
     else:

@@ -1,0 +1,296 @@
+"""Split-KV decode for Hopper (sm_90) in Gluon: the key chunks stream through a ring of shared-memory slots filled
+by TMA.
+
+Why a second split kernel: the Triton one (kernels/decode.py) loads K / V with pointer loads and a 32-key tile. Here
+a one-warp producer partition issues TMA copies of BLOCK_N keys x 128 dims into ``NSTAGES`` slots per tensor, ahead of
+the consumer warpgroup, which computes S = Q K^T and O += P V with wgmma (the GQA group's query rows padded to the
+64 rows of a warpgroup MMA: the products are cheap next to the bytes) and the online softmax in between. Measured on
+the H100 (32/8 heads, batch 1, bf16; benchmarks/NOTES.md): the split kernel alone 5.7 us at 4k keys against the Triton
+kernel's 8.4, 26.1 vs 26.5 at 16k; a decode call in a 32-layer graph 1.38 vs 1.20 TB/s at 4k, 2.25 vs 2.21 at 16k;
+2.98 vs 2.80 TB/s per call at 32/32 heads, 64k. Tried and dropped: two consumer warpgroups, 3 to 6 slots (2 is
+best), the combine as a programmatic dependent launch, merging the splits in the last program (atomic tickets).
+
+Each program owns one (sequence, KV head) and one chunk of its keys, as the Triton kernel does, and writes the
+same float32 partials and log2-domain log-sum-exps (every row, zeros for an empty one), so kernels/decode.py's
+combine kernel merges them; with one split it writes the output and the natural-log log-sum-exp itself.
+
+Scope (``supported``): CUDA capability 9.0, float16 / bfloat16, head dim 128, dense caches (batch_cache, capacity,
+nheads_k, 128) that TMA can read (16-byte strides and base), optional ``seqlens_k`` / ``leftpad`` / ``batch_idx`` on the
+device, dense queries (batch, seqlen_q, nheads, 128) with group * seqlen_q <= 64 rows, causal alignment to the end
+of the cache or none; no window, softcap, ALiBi, paged cache or unified maximum (those take the Triton kernel).
+Keys past a sequence's length inside the capacity are masked in the last blocks; TMA returns zeros past the
+capacity. Gluon has no CPU interpreter: CI compiles this kernel for sm_90 (tests/test_compile_sm90.py), the GPU tests
+run it against the reference (tests/test_gluon_decode.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from hf_flash.kernels import _launch
+from hf_flash.kernels.gluon_attention import _softmax_step, _tma_load
+
+HEAD_DIM = 128
+BLOCK_M = 64  # query rows of the warpgroup MMA: the GQA group times the query tokens, padded
+BLOCK_N = 64
+STAGES = 2  # measured on the H100 against 3, 4 and 6 (benchmarks/NOTES.md)
+REGS = 24  # the producer warp (setmaxnreg)
+
+
+@gluon.jit
+def _dec_producer(k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, cb, kvh, k0, n_tiles,
+                  BN: gl.constexpr, HEAD_D: gl.constexpr, NSTAGES: gl.constexpr):
+    KV_BYTES: gl.constexpr = BN * HEAD_D * 2
+    for j in range(0, n_tiles):
+        st = j % NSTAGES
+        ph = ((j // NSTAGES) & 1) ^ 1  # the release of this slot's previous block
+        again = j >= NSTAGES
+        mbarrier.wait(k_empty.index(st), ph, pred=again)
+        mbarrier.expect(k_full.index(st), KV_BYTES)
+        _tma_load(k_desc, [cb, k0 + j * BN, kvh, 0], k_full.index(st), k_smem.index(st))
+        mbarrier.wait(v_empty.index(st), ph, pred=again)
+        mbarrier.expect(v_full.index(st), KV_BYTES)
+        _tma_load(v_desc, [cb, k0 + j * BN, kvh, 0], v_full.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _dec_consumer(Q, OUT, LSE, O_PART, LSE_PART, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, kvh, bh,
+                  split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale, rows_pad,
+                  stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                  HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr, SPLIT: gl.constexpr):
+    dtype: gl.constexpr = k_smem.dtype
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, HEAD_D, 16])
+    q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+    ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                        order=[1, 0])
+    row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+    col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
+    rows = group * seqlen_q
+    shift = L - seqlen_q  # query token t sits at key position t + shift (causal alignment to the end)
+
+    # the query tile: row r is token r // group of query head kvh * group + r % group; padding rows are zeros
+    r_ld = gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
+    d_ld = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, ld))
+    q_rows = (b.to(gl.int64) * stride_qb + (r_ld // group).to(gl.int64) * stride_qt
+              + (kvh * group + r_ld % group).to(gl.int64) * stride_qh)
+    q = gl.load(Q + gl.expand_dims(q_rows, 1) + gl.expand_dims(d_ld, 0), mask=gl.expand_dims(r_ld < rows, 1),
+                other=0.0)
+    q = gl.convert_layout(q, q_layout)
+
+    offs_t = gl.arange(0, BM, layout=row_s) // group  # each row's query token, for the causal mask
+    offs_n = gl.arange(0, BN, layout=col_s)
+    zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
+    acc = gl.zeros([BM, HEAD_D], gl.float32, layout=mma_o)
+    m_i = gl.full([BM], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BM], gl.float32, layout=row_s)
+    for j in range(0, n_tiles):
+        st = j % NSTAGES
+        ph = (j // NSTAGES) & 1
+        mbarrier.wait(k_full.index(st), ph)
+        kt = k_smem.index(st).reshape([BN, HEAD_D])
+        s_tok = warpgroup_mma(q, kt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s_tok, kt])[0]
+        mbarrier.arrive(k_empty.index(st))
+        n_start = lo + j * BN
+        if j < n_full:
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, n_start, offs_t, offs_n, L, shift, qk_scale, False,
+                                               CAUSAL)
+        else:
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, n_start, offs_t, offs_n, L, shift, qk_scale, True,
+                                               CAUSAL)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_full.index(st), ph)
+        vt = v_smem.index(st).reshape([BN, HEAD_D])
+        o_tok = warpgroup_mma(p_op, vt, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[o_tok, vt])[0]
+        mbarrier.arrive(v_empty.index(st))
+
+    has = l_i > 0.0
+    inv_l = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
+    o = acc * gl.expand_dims(gl.convert_layout(inv_l, row_o), 1)
+    lse2 = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+    r_o = gl.arange(0, BM, layout=row_o)
+    d_o = gl.arange(0, HEAD_D, layout=col_o)
+    r_s = gl.arange(0, BM, layout=row_s)
+    if SPLIT:
+        # the Triton split kernel's partials: (split, sequence * KV head, rows_pad) rows, log2 domain; every row
+        # is written (an empty one: zeros and lse -inf, weight 0 in the combine)
+        prow = (split * n_bh + bh).to(gl.int64) * rows_pad
+        gl.store(LSE_PART + prow + r_s, lse2, mask=r_s < rows)
+        gl.store(O_PART + gl.expand_dims((prow + r_o) * HEAD_D, 1) + gl.expand_dims(d_o, 0), o,
+                 mask=gl.expand_dims(r_o < rows, 1))
+    else:
+        o_rows = (b.to(gl.int64) * stride_ob + (r_o // group).to(gl.int64) * stride_ot
+                  + (kvh * group + r_o % group).to(gl.int64) * stride_oh)
+        gl.store(OUT + gl.expand_dims(o_rows, 1) + gl.expand_dims(d_o, 0), o.to(dtype),
+                 mask=gl.expand_dims(r_o < rows, 1))
+        lse = gl.where(has, lse2 * 0.6931471805599453, float("inf"))
+        gl.store(LSE + b.to(gl.int64) * stride_lb + (kvh * group + r_s % group).to(gl.int64) * stride_lh
+                 + (r_s // group).to(gl.int64) * stride_lt, lse, mask=r_s < rows)
+
+
+@gluon.jit
+def _decode_kernel(k_desc, v_desc, Q, OUT, LSE, O_PART, LSE_PART, SEQLENS_K, LEFTPAD, BATCH_IDX,
+                   stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                   nheads_k, group, seqlen_q, capacity, batch_cache, chunk, rows_pad, qk_scale,
+                   HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_BATCH_IDX: gl.constexpr,
+                   CAUSAL: gl.constexpr, SPLIT: gl.constexpr, HEAD_D: gl.constexpr, BM: gl.constexpr,
+                   BN: gl.constexpr, NSTAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    dtype: gl.constexpr = k_desc.dtype
+    bh = gl.program_id(0)
+    split = gl.program_id(1)
+    n_bh = gl.num_programs(0)
+    b = bh // nheads_k
+    kvh = bh % nheads_k
+    # this sequence's keys: cache slots [leftpad, end), clamped to the capacity (device lengths never make a
+    # program read past it)
+    end_slot = capacity
+    if HAS_SEQLENS:
+        end_slot = gl.minimum(gl.load(SEQLENS_K + b), capacity)
+    leftpad = 0
+    if HAS_LEFTPAD:
+        leftpad = gl.minimum(gl.maximum(gl.load(LEFTPAD + b), 0), capacity)
+    cb = b
+    if HAS_BATCH_IDX:
+        cb = gl.minimum(gl.maximum(gl.load(BATCH_IDX + b), 0), batch_cache - 1)
+    L = gl.maximum(end_slot - leftpad, 0)
+    lo = split * chunk
+    hi = gl.minimum(lo + chunk, L)
+    if CAUSAL:
+        mask_from = L - seqlen_q + 1  # keys from here on are hidden from some query token
+    else:
+        mask_from = L
+    if hi <= lo:
+        # no key in this chunk: an empty partial (lse -inf), or with one split a row that sees no key at all:
+        # output 0, lse +inf (flash-attn's convention)
+        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                            order=[1, 0])
+        r = gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
+        d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, ld))
+        rows = group * seqlen_q
+        if SPLIT:
+            prow = (split * n_bh + bh).to(gl.int64) * rows_pad
+            gl.store(LSE_PART + prow + r, gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, ld)),
+                     mask=r < rows)
+            gl.store(O_PART + gl.expand_dims((prow + r) * HEAD_D, 1) + gl.expand_dims(d, 0),
+                     gl.zeros([BM, HEAD_D], gl.float32, layout=ld), mask=gl.expand_dims(r < rows, 1))
+        else:
+            o_rows = (b.to(gl.int64) * stride_ob + (r // group).to(gl.int64) * stride_ot
+                      + (kvh * group + r % group).to(gl.int64) * stride_oh)
+            gl.store(OUT + gl.expand_dims(o_rows, 1) + gl.expand_dims(d, 0),
+                     gl.zeros([BM, HEAD_D], dtype, layout=ld), mask=gl.expand_dims(r < rows, 1))
+            gl.store(LSE + b.to(gl.int64) * stride_lb + (kvh * group + r % group).to(gl.int64) * stride_lh
+                     + (r // group).to(gl.int64) * stride_lt,
+                     gl.full([BM], float("inf"), gl.float32, layout=gl.SliceLayout(1, ld)), mask=r < rows)
+        return
+    n_tiles = gl.cdiv(hi - lo, BN)
+    n_full = (gl.minimum(hi, mask_from) - lo) // BN  # blocks that need no mask (may be negative: none)
+
+    k_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], v_desc.layout)
+    k_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_dec_consumer, (Q, OUT, LSE, O_PART, LSE_PART, k_smem, v_smem, k_full, v_full, k_empty, v_empty,
+                         b, kvh, bh, split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale, rows_pad,
+                         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+                         stride_lt, HEAD_D, BM, BN, NSTAGES, CAUSAL, SPLIT)),
+        (_dec_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, cb, kvh, leftpad + lo,
+                         n_tiles, BN, HEAD_D, NSTAGES)),
+    ], [1], [PRODUCER_REGS])
+
+
+def config() -> dict:
+    """Key block, ring depth and the split heuristic's programs per SM / fewest keys per split;
+    ``HF_FLASH_GLUON_DECODE_CONFIG="BLOCK_N,STAGES,PROGRAMS_PER_SM,MIN_KEYS"`` overrides (tuning sweeps)."""
+    env = os.environ.get("HF_FLASH_GLUON_DECODE_CONFIG")
+    if env:
+        bn, st, pps, mk = (int(x) for x in env.split(","))
+        return dict(BLOCK_N=bn, stages=st, programs_per_sm=pps, min_keys=mk)
+    return dict(BLOCK_N=BLOCK_N, stages=STAGES, programs_per_sm=1, min_keys=256)
+
+
+def smem_layout():
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+
+
+_LAYOUT = smem_layout()  # made once: a layout costs ~5 us of host time, and every call makes two descriptors
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    st = [s if n > 1 else HEAD_DIM * 8 for s, n in zip(t.stride(), t.shape)]
+    return st[-1] == 1 and t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in st[:-1])
+
+
+def supported(q, k, v, *, varlen_q: bool, paged: bool, window: bool, softcap: float, alibi: bool, unified: bool,
+              rows: int) -> bool:
+    """Whether :func:`split_forward` takes this call (see the module docstring); cheap host checks only."""
+    if varlen_q or paged or window or softcap > 0 or alibi or unified or rows > BLOCK_M or rows < 1:
+        return False
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] == HEAD_DIM and k.dim() == 4 and k.shape[-1] == HEAD_DIM and v.shape[-1] == HEAD_DIM):
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if _capability(index) != (9, 0):
+        return False
+    return _tma_ok(k) and _tma_ok(v)
+
+
+def _desc(t: torch.Tensor, block_n: int):
+    st = [s if n > 1 else HEAD_DIM * 8 for s, n in zip(t.stride(), t.shape)]
+    return TensorDescriptor(t, list(t.shape), st, [1, block_n, 1, HEAD_DIM], _LAYOUT)
+
+
+def split_forward(q, k, v, out, *, lse, o_part, lse_part, softmax_scale: float, causal: bool, num_splits: int,
+                  chunk: int, rows_pad: int, seqlens_k=None, leftpad=None, batch_idx=None, capacity: int,
+                  block_n: int = BLOCK_N, stages: int = STAGES):
+    """The split kernel of kernels/decode.py's ``split_kv_forward`` for the calls :func:`supported` takes: with
+    ``num_splits`` > 1 it writes the partials (o_part (splits, batch * nheads_k, rows_pad, 128) float32, lse_part
+    (splits, batch * nheads_k, rows_pad), log2 domain) for that module's combine kernel; with one split ``out`` and
+    ``lse`` ((batch, nheads, seqlen_q), natural log). ``chunk``: keys per split, a multiple of ``block_n``."""
+    batch, seqlen_q, nheads, _ = q.shape
+    nheads_k = k.shape[2]
+    dummy = lse
+    args = dict(
+        k_desc=_desc(k, block_n), v_desc=_desc(v, block_n), Q=q, OUT=out, LSE=lse, O_PART=o_part, LSE_PART=lse_part,
+        SEQLENS_K=seqlens_k if seqlens_k is not None else dummy, LEFTPAD=leftpad if leftpad is not None else dummy,
+        BATCH_IDX=batch_idx if batch_idx is not None else dummy,
+        stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2),
+        stride_ob=out.stride(0), stride_ot=out.stride(1), stride_oh=out.stride(2),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_lt=lse.stride(2),
+        nheads_k=nheads_k, group=nheads // nheads_k, seqlen_q=seqlen_q, capacity=capacity, batch_cache=k.shape[0],
+        chunk=chunk, rows_pad=rows_pad, qk_scale=softmax_scale * 1.4426950408889634,
+        HAS_SEQLENS=seqlens_k is not None, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
+        CAUSAL=bool(causal), SPLIT=num_splits > 1, HEAD_D=HEAD_DIM, BM=BLOCK_M, BN=block_n, NSTAGES=stages,
+        PRODUCER_REGS=REGS)
+    # through hf_flash's direct launcher: a decode step calls this once per layer, and the JIT's own launch path
+    # cost ~60-100 us of host time per call more (measured on the H100 box)
+    _launch.launch(_decode_kernel, (batch * nheads_k, num_splits), args, num_warps=4)
