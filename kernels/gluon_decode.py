@@ -25,7 +25,6 @@ run it against the reference (tests/test_gluon_decode.py).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -36,7 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hf_flash.kernels import _launch
-from hf_flash.kernels.gluon_attention import _softmax_step, _tma_load
+from hf_flash.kernels.gluon_attention import (_capability, _softmax_step, _strides, _tma_load, _tma_ok,
+                                              smem_layout)
 
 HEAD_DIM = 128
 BLOCK_M = 64  # query rows of the warpgroup MMA: the GQA group times the query tokens, padded
@@ -233,21 +233,7 @@ def config() -> dict:
     return dict(BLOCK_N=BLOCK_N, stages=STAGES, programs_per_sm=1, min_keys=256)
 
 
-def smem_layout():
-    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
-
-
 _LAYOUT = smem_layout()  # made once: a layout costs ~5 us of host time, and every call makes two descriptors
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int):
-    return torch.cuda.get_device_capability(index)
-
-
-def _tma_ok(t: torch.Tensor) -> bool:
-    st = [s if n > 1 else HEAD_DIM * 8 for s, n in zip(t.stride(), t.shape)]
-    return st[-1] == 1 and t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in st[:-1])
 
 
 def supported(q, k, v, *, varlen_q: bool, paged: bool, window: bool, softcap: float, alibi: bool, unified: bool,
@@ -265,8 +251,7 @@ def supported(q, k, v, *, varlen_q: bool, paged: bool, window: bool, softcap: fl
 
 
 def _desc(t: torch.Tensor, block_n: int):
-    st = [s if n > 1 else HEAD_DIM * 8 for s, n in zip(t.stride(), t.shape)]
-    return TensorDescriptor(t, list(t.shape), st, [1, block_n, 1, HEAD_DIM], _LAYOUT)
+    return TensorDescriptor(t, list(t.shape), _strides(t), [1, block_n, 1, HEAD_DIM], _LAYOUT)
 
 
 def split_forward(q, k, v, out, *, lse, o_part, lse_part, softmax_scale: float, causal: bool, num_splits: int,
