@@ -3,12 +3,14 @@ by TMA.
 
 Why a second split kernel: the Triton one (kernels/decode.py) loads K / V with pointer loads and a 32-key tile. Here
 a one-warp producer partition issues TMA copies of BLOCK_N keys x 128 dims into ``NSTAGES`` slots per tensor, ahead of
-the consumer warpgroup, which computes S = Q K^T and O += P V with wgmma (the GQA group's query rows padded to the
-64 rows of a warpgroup MMA: the products are cheap next to the bytes) and the online softmax in between. Measured on
-the H100 (32/8 heads, batch 1, bf16; benchmarks/NOTES.md): the split kernel alone 5.7 us at 4k keys against the Triton
-kernel's 8.4, 26.1 vs 26.5 at 16k; a decode call in a 32-layer graph 1.38 vs 1.20 TB/s at 4k, 2.25 vs 2.21 at 16k;
-2.98 vs 2.80 TB/s per call at 32/32 heads, 64k. Tried and dropped: two consumer warpgroups, 3 to 6 slots (2 is
-best), the combine as a programmatic dependent launch, merging the splits in the last program (atomic tickets).
+the consumer warpgroup, which computes S^T = K Q^T and O^T += V^T P^T with wgmma (the keys and head dims on the
+64-row side, the GQA group's query rows, padded to 8-64, on the narrow side) and the online softmax down the
+columns in between. Measured on the H100 (32/8 heads, batch 1, bf16; benchmarks/NOTES.md): the split kernel alone
+4.9 us at 4k keys against the Triton kernel's 8.3, 25.3 vs 26.4 at 16k; a decode call in a 32-layer graph 1.41 vs
+1.20 TB/s at 4k, 2.29 vs 2.21 at 16k; 2.99 vs 2.80 TB/s per call at 32/32 heads, 64k. Tried and dropped: the query
+rows padded to 64 as the MMA's tall side (S = Q K^T: 8x the tensor work, 5.6 us at 4k), two consumer warpgroups,
+3 to 6 slots (2 is best), the combine as a programmatic dependent launch, merging the splits in the last program
+(atomic tickets).
 
 Each program owns one (sequence, KV head) and one chunk of its keys, as the Triton kernel does, and writes the
 same float32 partials and log2-domain log-sum-exps (every row, zeros for an empty one), so kernels/decode.py's
@@ -35,11 +37,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hf_flash.kernels import _launch
-from hf_flash.kernels.gluon_attention import (_capability, _softmax_step, _strides, _tma_load, _tma_ok,
-                                              smem_layout)
+from hf_flash.kernels.configs import next_pow2
+from hf_flash.kernels.gluon_attention import _capability, _strides, _thread_barrier, _tma_load, _tma_ok, smem_layout
 
 HEAD_DIM = 128
-BLOCK_M = 64  # query rows of the warpgroup MMA: the GQA group times the query tokens, padded
+BLOCK_M = 64  # most query rows per (sequence, KV head): the GQA group times the query tokens
 BLOCK_N = 64
 STAGES = 2  # measured on the H100 against 3, 4 and 6 (benchmarks/NOTES.md)
 REGS = 24  # the producer warp (setmaxnreg)
@@ -62,86 +64,93 @@ def _dec_producer(k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_emp
 
 
 @gluon.jit
-def _dec_consumer(Q, OUT, LSE, O_PART, LSE_PART, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, kvh, bh,
-                  split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale, rows_pad,
-                  stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                  HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr, SPLIT: gl.constexpr):
+def _dec_consumer(Q, OUT, LSE, O_PART, LSE_PART, q_smem, p_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty,
+                    b, kvh, bh, split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale, rows_pad,
+                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+                    stride_lt, HEAD_D: gl.constexpr, NQ: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
+                    CAUSAL: gl.constexpr, SPLIT: gl.constexpr):
+    """The consumer warpgroup, with the products turned around: S^T = K Q^T and O^T += V^T P^T, the keys (and head
+    dims) on the 64-row side of the warpgroup MMA and the NQ (>= 8) query rows on its narrow side (NQ / 64 of the
+    tensor work of query rows padded to 64: measured faster, benchmarks/NOTES.md). The softmax runs down the columns: one cross-warp maximum per block, the sums kept per thread and
+    reduced once at the end; P^T goes through shared memory as the second product's B operand."""
     dtype: gl.constexpr = k_smem.dtype
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                     instr_shape=[16, HEAD_D, 16])
-    q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NQ, 16])
+    col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    col_o: gl.constexpr = gl.SliceLayout(0, mma_s)
+    row_o: gl.constexpr = gl.SliceLayout(1, mma_s)
     ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                         order=[1, 0])
-    row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
-    col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
-    row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-    col_o: gl.constexpr = gl.SliceLayout(0, mma_o)
     rows = group * seqlen_q
-    shift = L - seqlen_q  # query token t sits at key position t + shift (causal alignment to the end)
+    shift = L - seqlen_q
 
-    # the query tile: row r is token r // group of query head kvh * group + r % group; padding rows are zeros
-    r_ld = gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
+    r_ld = gl.arange(0, NQ, layout=gl.SliceLayout(1, ld))
     d_ld = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, ld))
     q_rows = (b.to(gl.int64) * stride_qb + (r_ld // group).to(gl.int64) * stride_qt
               + (kvh * group + r_ld % group).to(gl.int64) * stride_qh)
     q = gl.load(Q + gl.expand_dims(q_rows, 1) + gl.expand_dims(d_ld, 0), mask=gl.expand_dims(r_ld < rows, 1),
                 other=0.0)
-    q = gl.convert_layout(q, q_layout)
+    q_smem.store(q)
+    fence_async_shared()
+    _thread_barrier()
+    q_t = q_smem.permute((1, 0))  # (HEAD_D, NQ): the B operand
 
-    offs_t = gl.arange(0, BM, layout=row_s) // group  # each row's query token, for the causal mask
-    offs_n = gl.arange(0, BN, layout=col_s)
-    zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
-    acc = gl.zeros([BM, HEAD_D], gl.float32, layout=mma_o)
-    m_i = gl.full([BM], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BM], gl.float32, layout=row_s)
+    offs_n = gl.arange(0, BN, layout=row_s)
+    t_q = gl.arange(0, NQ, layout=col_s) // group
+    zero_s = gl.zeros([BN, NQ], gl.float32, layout=mma_s)
+    acc = gl.zeros([HEAD_D, NQ], gl.float32, layout=mma_s)
+    m_i = gl.full([NQ], float("-inf"), gl.float32, layout=col_s)
+    l_t = gl.zeros([BN, NQ], gl.float32, layout=mma_s)
     for j in range(0, n_tiles):
         st = j % NSTAGES
         ph = (j // NSTAGES) & 1
         mbarrier.wait(k_full.index(st), ph)
         kt = k_smem.index(st).reshape([BN, HEAD_D])
-        s_tok = warpgroup_mma(q, kt.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s_tok, kt])[0]
+        s_tok = warpgroup_mma(kt, q_t, zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s_tok, kt, q_t])[0]
         mbarrier.arrive(k_empty.index(st))
-        n_start = lo + j * BN
-        if j < n_full:
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, n_start, offs_t, offs_n, L, shift, qk_scale, False,
-                                               CAUSAL)
-        else:
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, n_start, offs_t, offs_n, L, shift, qk_scale, True,
-                                               CAUSAL)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        s = s * qk_scale
+        if j >= n_full:
+            keys = lo + j * BN + offs_n
+            ok = gl.expand_dims(keys < L, 1)
+            if CAUSAL:
+                ok = ok & (gl.expand_dims(keys, 1) <= gl.expand_dims(t_q + shift, 0))
+            s = gl.where(ok, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - gl.expand_dims(m_ref, 0))
+        alpha = gl.exp2(m_i - m_ref)
+        l_t = l_t * gl.expand_dims(alpha, 0) + p
+        m_i = m_new
+        acc = acc * gl.expand_dims(alpha, 0)
+        p_smem.store(gl.permute(p.to(dtype), (1, 0)))  # (NQ, BN), the keys contiguous
+        fence_async_shared()
+        _thread_barrier()  # every column of P stored before the product reads it
         mbarrier.wait(v_full.index(st), ph)
         vt = v_smem.index(st).reshape([BN, HEAD_D])
-        o_tok = warpgroup_mma(p_op, vt, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[o_tok, vt])[0]
+        o_tok = warpgroup_mma(vt.permute((1, 0)), p_smem.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[o_tok, vt, p_smem])[0]
         mbarrier.arrive(v_empty.index(st))
 
+    l_i = gl.sum(l_t, 0)
     has = l_i > 0.0
     inv_l = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
-    o = acc * gl.expand_dims(gl.convert_layout(inv_l, row_o), 1)
+    o = acc * gl.expand_dims(inv_l, 0)
     lse2 = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-    r_o = gl.arange(0, BM, layout=row_o)
-    d_o = gl.arange(0, HEAD_D, layout=col_o)
-    r_s = gl.arange(0, BM, layout=row_s)
+    q_o = gl.arange(0, NQ, layout=col_o)
+    d_o = gl.arange(0, HEAD_D, layout=row_o)
+    q_ok = gl.expand_dims(q_o < rows, 0)
     if SPLIT:
-        # the Triton split kernel's partials: (split, sequence * KV head, rows_pad) rows, log2 domain; every row
-        # is written (an empty one: zeros and lse -inf, weight 0 in the combine)
         prow = (split * n_bh + bh).to(gl.int64) * rows_pad
-        gl.store(LSE_PART + prow + r_s, lse2, mask=r_s < rows)
-        gl.store(O_PART + gl.expand_dims((prow + r_o) * HEAD_D, 1) + gl.expand_dims(d_o, 0), o,
-                 mask=gl.expand_dims(r_o < rows, 1))
+        gl.store(LSE_PART + prow + q_o, lse2, mask=q_o < rows)
+        gl.store(O_PART + gl.expand_dims((prow + q_o) * HEAD_D, 0) + gl.expand_dims(d_o, 1), o, mask=q_ok)
     else:
-        o_rows = (b.to(gl.int64) * stride_ob + (r_o // group).to(gl.int64) * stride_ot
-                  + (kvh * group + r_o % group).to(gl.int64) * stride_oh)
-        gl.store(OUT + gl.expand_dims(o_rows, 1) + gl.expand_dims(d_o, 0), o.to(dtype),
-                 mask=gl.expand_dims(r_o < rows, 1))
+        o_rows = (b.to(gl.int64) * stride_ob + (q_o // group).to(gl.int64) * stride_ot
+                  + (kvh * group + q_o % group).to(gl.int64) * stride_oh)
+        gl.store(OUT + gl.expand_dims(o_rows, 0) + gl.expand_dims(d_o, 1), o.to(dtype), mask=q_ok)
         lse = gl.where(has, lse2 * 0.6931471805599453, float("inf"))
-        gl.store(LSE + b.to(gl.int64) * stride_lb + (kvh * group + r_s % group).to(gl.int64) * stride_lh
-                 + (r_s // group).to(gl.int64) * stride_lt, lse, mask=r_s < rows)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + (kvh * group + q_o % group).to(gl.int64) * stride_lh
+                 + (q_o // group).to(gl.int64) * stride_lt, lse, mask=q_o < rows)
 
 
 @gluon.jit
@@ -150,7 +159,7 @@ def _decode_kernel(k_desc, v_desc, Q, OUT, LSE, O_PART, LSE_PART, SEQLENS_K, LEF
                    nheads_k, group, seqlen_q, capacity, batch_cache, chunk, rows_pad, qk_scale,
                    HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_BATCH_IDX: gl.constexpr,
                    CAUSAL: gl.constexpr, SPLIT: gl.constexpr, HEAD_D: gl.constexpr, BM: gl.constexpr,
-                   BN: gl.constexpr, NSTAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   BN: gl.constexpr, NSTAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, NQ: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -213,11 +222,14 @@ def _decode_kernel(k_desc, v_desc, Q, OUT, LSE, O_PART, LSE_PART, SEQLENS_K, LEF
         mbarrier.init(k_empty.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=1)
     fence_async_shared()
+    sw2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_smem = gl.allocate_shared_memory(dtype, [NQ, HEAD_D], sw2)
+    p_smem = gl.allocate_shared_memory(dtype, [NQ, BN], sw2)
     gl.warp_specialize([
-        (_dec_consumer, (Q, OUT, LSE, O_PART, LSE_PART, k_smem, v_smem, k_full, v_full, k_empty, v_empty,
-                         b, kvh, bh, split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale, rows_pad,
-                         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-                         stride_lt, HEAD_D, BM, BN, NSTAGES, CAUSAL, SPLIT)),
+        (_dec_consumer, (Q, OUT, LSE, O_PART, LSE_PART, q_smem, p_smem, k_smem, v_smem, k_full, v_full, k_empty,
+                         v_empty, b, kvh, bh, split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale,
+                         rows_pad, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb,
+                         stride_lh, stride_lt, HEAD_D, NQ, BN, NSTAGES, CAUSAL, SPLIT)),
         (_dec_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, cb, kvh, leftpad + lo,
                          n_tiles, BN, HEAD_D, NSTAGES)),
     ], [1], [PRODUCER_REGS])
@@ -275,7 +287,7 @@ def split_forward(q, k, v, out, *, lse, o_part, lse_part, softmax_scale: float, 
         chunk=chunk, rows_pad=rows_pad, qk_scale=softmax_scale * 1.4426950408889634,
         HAS_SEQLENS=seqlens_k is not None, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
         CAUSAL=bool(causal), SPLIT=num_splits > 1, HEAD_D=HEAD_DIM, BM=BLOCK_M, BN=block_n, NSTAGES=stages,
-        PRODUCER_REGS=REGS)
+        PRODUCER_REGS=REGS, NQ=max(8, next_pow2(seqlen_q * (nheads // nheads_k))))
     # through hf_flash's direct launcher: a decode step calls this once per layer, and the JIT's own launch path
     # cost ~60-100 us of host time per call more (measured on the H100 box)
     _launch.launch(_decode_kernel, (batch * nheads_k, num_splits), args, num_warps=4)

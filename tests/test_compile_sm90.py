@@ -104,8 +104,8 @@ def compile_gluon(causal: bool):
     ptx = ptx_of(G._bwd_ws_kernel, bsig, bconsts, "backward")
     assert "red.global" in ptx or "atom.global" in ptx, "the Gluon backward does not add dQ with atomics"
 
-    # the split-KV decode kernel (kernels/gluon_decode.py): the causal build takes every optional input and writes
-    # partials for the combine kernel; the other writes the output itself
+    # the split-KV decode kernel (kernels/gluon_decode.py): the causal build takes every optional input, 32 query
+    # rows and writes partials; the other 8 rows and writes the output itself
     from hf_flash.kernels import gluon_decode as GD
 
     ddesc = "tensordesc<bf16[1, %d, 1, %d],%s>" % (GD.BLOCK_N, GD.HEAD_DIM, repr(GD.smem_layout()))
@@ -116,7 +116,8 @@ def compile_gluon(causal: bool):
                                     "capacity", "batch_cache", "chunk", "rows_pad")})
     dsig["qk_scale"] = "fp32"
     dconsts = dict(HAS_SEQLENS=causal, HAS_LEFTPAD=causal, HAS_BATCH_IDX=causal, CAUSAL=causal, SPLIT=causal,
-                   HEAD_D=GD.HEAD_DIM, BM=GD.BLOCK_M, BN=GD.BLOCK_N, NSTAGES=GD.STAGES, PRODUCER_REGS=GD.REGS)
+                   HEAD_D=GD.HEAD_DIM, BM=GD.BLOCK_M, BN=GD.BLOCK_N, NSTAGES=GD.STAGES, PRODUCER_REGS=GD.REGS,
+                   NQ=32 if causal else 8)
     dsig.update({n: "constexpr" for n in dconsts})
     ptx_of(GD._decode_kernel, dsig, dconsts, "split-KV decode kernel")
     return "compiled the Gluon forward, backward and decode kernels for sm_90"
