@@ -65,14 +65,15 @@ def _dec_producer(k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_emp
 
 @gluon.jit
 def _dec_consumer(Q, OUT, LSE, O_PART, LSE_PART, q_smem, p_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty,
-                    b, kvh, bh, split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale, rows_pad,
-                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-                    stride_lt, HEAD_D: gl.constexpr, NQ: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
-                    CAUSAL: gl.constexpr, SPLIT: gl.constexpr):
+                  b, kvh, bh, split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale, rows_pad,
+                  stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+                  stride_lt, HEAD_D: gl.constexpr, NQ: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr, SPLIT: gl.constexpr):
     """The consumer warpgroup, with the products turned around: S^T = K Q^T and O^T += V^T P^T, the keys (and head
     dims) on the 64-row side of the warpgroup MMA and the NQ (>= 8) query rows on its narrow side (NQ / 64 of the
-    tensor work of query rows padded to 64: measured faster, benchmarks/NOTES.md). The softmax runs down the columns: one cross-warp maximum per block, the sums kept per thread and
-    reduced once at the end; P^T goes through shared memory as the second product's B operand."""
+    tensor work of query rows padded to 64: measured faster, benchmarks/NOTES.md). The softmax runs down the
+    columns: one cross-warp maximum per block, the sums kept per thread and reduced once at the end; P^T goes
+    through shared memory as the second product's B operand."""
     dtype: gl.constexpr = k_smem.dtype
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NQ, 16])
     col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
