@@ -24,14 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier  # noqa: E402
 
-from hf_flash.bench.decode import _sdpa_call  # noqa: E402
+from hf_flash.bench.decode import _Env, _sdpa_call, read_floor_call, time_clean_flush_ms  # noqa: E402
 from hf_flash.kernels import decode as D  # noqa: E402
 from hf_flash.kernels import gluon_decode as GD  # noqa: E402
+from hf_flash.kernels.gluon_attention import _producer, _release_ring  # noqa: E402
+from probe_decode import graph_of  # noqa: E402 - benchmarks/, this script's folder
 from hf_flash.reference import attention_ref  # noqa: E402
 
 DT = torch.bfloat16
@@ -43,33 +43,9 @@ def emit(kind, row):
     print(json.dumps({kind: row}), flush=True)
 
 
-@triton.jit
-def _read_kernel(X, Y, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(ITERS):
-        offs = (pid.to(tl.int64) * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        acc += tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(Y + pid, tl.sum(acc, 0))
-
-
-def read_call(x):
-    n = x.numel()
-    block, iters = 4096, 8
-    grid = (triton.cdiv(n, block * iters),)
-    y = torch.empty(grid[0], device=x.device)
-    return lambda: _read_kernel[grid](x, y, n, BLOCK=block, ITERS=iters, num_warps=8)
-
-
 @gluon.jit
 def _stream_consumer(k_full, v_full, k_empty, v_empty, n_tiles, NSTAGES: gl.constexpr):
-    for j in range(0, n_tiles):
-        st = j % NSTAGES
-        ph = (j // NSTAGES) & 1
-        mbarrier.wait(k_full.index(st), ph)
-        mbarrier.arrive(k_empty.index(st))
-        mbarrier.wait(v_full.index(st), ph)
-        mbarrier.arrive(v_empty.index(st))
+    _release_ring(k_full, v_full, k_empty, v_empty, 0, n_tiles, NSTAGES)
 
 
 @gluon.jit
@@ -77,28 +53,16 @@ def _stream_kernel(k_desc, v_desc, chunk, nheads_k, HEAD_D: gl.constexpr, BN: gl
                    NSTAGES: gl.constexpr):
     """The Gluon decode kernel's producer and ring with a consumer that only releases the slots: the rate at
     which the kernel's TMA pipeline can stream the cache with no arithmetic."""
-    dtype: gl.constexpr = k_desc.dtype
     bh = gl.program_id(0)
     split = gl.program_id(1)
     b = bh // nheads_k
     kvh = bh % nheads_k
     n_tiles = chunk // BN
-    k_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], v_desc.layout)
-    k_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    v_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(k_full.index(i), count=1)
-        mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
-    fence_async_shared()
+    k_smem, v_smem, k_full, v_full, k_empty, v_empty = GD._kv_ring(k_desc, v_desc, NSTAGES, BN, HEAD_D)
     gl.warp_specialize([
         (_stream_consumer, (k_full, v_full, k_empty, v_empty, n_tiles, NSTAGES)),
-        (GD._dec_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, kvh, split * chunk,
-                            n_tiles, BN, HEAD_D, NSTAGES)),
+        (_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, b, kvh, split * chunk,
+                     n_tiles, BN, HEAD_D, NSTAGES)),
     ], [1], [24])
 
 
@@ -109,29 +73,10 @@ def stream_call(k, v, splits, bn=64, stages=4):
     return lambda: _stream_kernel[grid](kd, vd, chunk, k.shape[2], HEAD_D=128, BN=bn, NSTAGES=stages, num_warps=4)
 
 
-FLUSH = {}
-
-
-def time_read_flush(fn, reps=100):
-    """Per-call time with the L2 flushed by a read-only pass over 256 MiB (clean lines), where do_bench's flush
-    writes 256 MiB of zeros (dirty lines the next kernel's misses must write back first)."""
-    if "buf" not in FLUSH:
-        FLUSH["buf"] = torch.randn(128 * 2**20, device="cuda", dtype=torch.bfloat16)
-        FLUSH["call"] = read_call(FLUSH["buf"])
-    g = graph_of(fn)
-    for _ in range(5):
-        FLUSH["call"]()
-        g.replay()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        FLUSH["call"]()
-        starts[i].record()
-        g.replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    ts = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return ts[len(ts) // 2]
+def time_read_flush(fn):
+    """Per-call time of fn, captured in a graph, with the L2 flushed by a read-only pass (clean lines) where
+    do_bench's flush writes zeros (dirty lines the next kernel's misses must write back first)."""
+    return time_clean_flush_ms(graph_of(fn).replay)
 
 
 def ablate(gen, quick):
@@ -141,9 +86,8 @@ def ablate(gen, quick):
     for b, s, hk in ((1, 4096, 8), (1, 16384, 8), (1, 65536, 32)):
         q, k, v, lens = make(b, s, hk, gen)
         kv = 2 * k.numel() * 2
-        flat = torch.cat([k.flatten(), v.flatten()])
         row = dict(batch=b, seqlen=s, hk=hk)
-        calls = {"read_only": read_call(flat)}
+        calls = {"read_only": read_floor_call(k, v)}
         for splits in (16, 33):
             if s % (splits * 64) == 0 or splits == 16:
                 calls[f"stream_s{splits}"] = stream_call(k, v, splits)
@@ -163,16 +107,6 @@ def ablate(gen, quick):
             except Exception as exc:  # noqa: BLE001
                 row[name] = dict(error=str(exc)[:200])
         emit("ablate", row)
-        del flat
-
-
-def graph_of(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
 
 
 def time_graph(fn):
@@ -181,19 +115,8 @@ def time_graph(fn):
 
 
 def with_env(env: dict, fn):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if v is not None})
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-    try:
+    with _Env(**env):
         return fn()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 TRITON = {"HF_FLASH_GLUON_DECODE": "0"}
@@ -278,10 +201,8 @@ def per_call(gen, quick):
                 row[name] = dict(us=ms * 1e3, tbs=kv / ms / 1e9)
             except Exception as exc:  # noqa: BLE001 - the failure is the measurement
                 row[name] = dict(error=str(exc)[:120])
-        flat = torch.cat([k.flatten(), v.flatten()])
-        ms = time_graph(read_call(flat))
+        ms = time_graph(read_floor_call(k, v))
         row["read_only"] = dict(us=ms * 1e3, tbs=kv / ms / 1e9)
-        del flat
         emit("per_call", row)
 
 

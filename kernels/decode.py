@@ -60,6 +60,7 @@ import triton.language as tl
 from hf_flash.kernels.configs import cdiv, dot_precision, next_pow2, num_sms
 
 from hf_flash.kernels import _launch
+from hf_flash.kernels import attention as _attention  # the Gluon version gate and compile-error types
 from hf_flash.kernels._common import mma, rotate_row, tanh_f32
 
 try:  # grid dependency control for programmatic dependent launch (triton >= 3.3; Hopper and later)
@@ -758,7 +759,7 @@ def split_kv_forward(q, k, v, *, softmax_scale: float, window_left: int = -1, wi
                                 causal=causal_only and seqlen_q > 1, num_splits=num_splits, chunk=chunk,
                                 rows_pad=rows_pad, seqlens_k=seqlens_k, leftpad=leftpad, batch_idx=batch_idx,
                                 capacity=capacity, block_n=BLOCK_N, stages=gcfg["stages"])
-        except _gluon_compile_errors() as err:  # a Gluon API this kernel does not match: the Triton kernel
+        except _attention._GLUON_COMPILE_ERRORS as err:  # a Gluon API this kernel does not match: the Triton kernel
             _gluon_decode_failed(err)
             gluon = None
         else:
@@ -951,22 +952,14 @@ def _gluon_decode():
             or _launch.env_get("TRITON_INTERPRET") == "1"):
         return None
     if not _GLUON_DECODE:
-        from hf_flash.kernels import attention
-
         module = None
-        if attention._version(triton.__version__) >= attention.GLUON_MIN_TRITON:
+        if _attention._version(triton.__version__) >= _attention.GLUON_MIN_TRITON:
             try:
                 from hf_flash.kernels import gluon_decode as module
             except (ImportError, AttributeError):
                 module = None
         _GLUON_DECODE.append(module)
     return _GLUON_DECODE[0]
-
-
-def _gluon_compile_errors() -> tuple:
-    from hf_flash.kernels import attention
-
-    return attention._GLUON_COMPILE_ERRORS
 
 
 def _gluon_decode_failed(err: Exception) -> None:

@@ -96,6 +96,18 @@ def _softmax_step(s, m_i, l_i, n_start, offs_m, offs_n, seqlen_k, shift, qk_scal
 
 
 @gluon.jit
+def _release_ring(k_full, v_full, k_empty, v_empty, start, stop, NSTAGES: gl.constexpr):
+    """Follow the K / V ring over blocks [start, stop) without reading them: wait for each slot, then release it."""
+    for j in range(start, stop):
+        st = j % NSTAGES
+        ph = (j // NSTAGES) & 1
+        mbarrier.wait(k_full.index(st), ph)
+        mbarrier.arrive(k_empty.index(st))
+        mbarrier.wait(v_full.index(st), ph)
+        mbarrier.arrive(v_empty.index(st))
+
+
+@gluon.jit
 def _consumer(q_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, b, h, q_off, m_start,
               stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, n_blocks, n_total, n_full,
               shift, qk_scale, HEAD_D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NSTAGES: gl.constexpr,
@@ -160,13 +172,7 @@ def _consumer(q_smem, k_smem, v_smem, k_full, v_full, k_empty, v_empty, O, LSE, 
     mbarrier.arrive(v_empty.index(lst))
     # blocks the other consumer still reads (its rows see more keys under a causal mask): follow the ring without
     # reading them, so each slot's "empty" barrier still gets its two arrivals
-    for j in range(n_blocks, n_total):
-        st = j % NSTAGES
-        ph = (j // NSTAGES) & 1
-        mbarrier.wait(k_full.index(st), ph)
-        mbarrier.arrive(k_empty.index(st))
-        mbarrier.wait(v_full.index(st), ph)
-        mbarrier.arrive(v_empty.index(st))
+    _release_ring(k_full, v_full, k_empty, v_empty, n_blocks, n_total, NSTAGES)
 
     empty = l_i == 0.0
     inv_l = gl.where(empty, 0.0, 1.0 / gl.where(empty, 1.0, l_i))

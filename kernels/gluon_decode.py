@@ -27,8 +27,6 @@ run it against the reference (tests/test_gluon_decode.py).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -38,7 +36,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hf_flash.kernels import _launch
 from hf_flash.kernels.configs import next_pow2
-from hf_flash.kernels.gluon_attention import _capability, _strides, _thread_barrier, _tma_load, _tma_ok, smem_layout
+from hf_flash.kernels.gluon_attention import _capability, _producer, _strides, _thread_barrier, _tma_ok, smem_layout
 
 HEAD_DIM = 128
 BLOCK_M = 64  # most query rows per (sequence, KV head): the GQA group times the query tokens
@@ -48,19 +46,23 @@ REGS = 24  # the producer warp (setmaxnreg)
 
 
 @gluon.jit
-def _dec_producer(k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, cb, kvh, k0, n_tiles,
-                  BN: gl.constexpr, HEAD_D: gl.constexpr, NSTAGES: gl.constexpr):
-    KV_BYTES: gl.constexpr = BN * HEAD_D * 2
-    for j in range(0, n_tiles):
-        st = j % NSTAGES
-        ph = ((j // NSTAGES) & 1) ^ 1  # the release of this slot's previous block
-        again = j >= NSTAGES
-        mbarrier.wait(k_empty.index(st), ph, pred=again)
-        mbarrier.expect(k_full.index(st), KV_BYTES)
-        _tma_load(k_desc, [cb, k0 + j * BN, kvh, 0], k_full.index(st), k_smem.index(st))
-        mbarrier.wait(v_empty.index(st), ph, pred=again)
-        mbarrier.expect(v_full.index(st), KV_BYTES)
-        _tma_load(v_desc, [cb, k0 + j * BN, kvh, 0], v_full.index(st), v_smem.index(st))
+def _kv_ring(k_desc, v_desc, NSTAGES: gl.constexpr, BN: gl.constexpr, HEAD_D: gl.constexpr):
+    """The K / V ring: NSTAGES shared-memory slots of BN keys per tensor (TMA's layout) and their "full" / "empty"
+    mbarriers, one producer and one consumer each: (k_smem, v_smem, k_full, v_full, k_empty, v_empty)."""
+    dtype: gl.constexpr = k_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], v_desc.layout)
+    k_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    fence_async_shared()
+    return k_smem, v_smem, k_full, v_full, k_empty, v_empty
 
 
 @gluon.jit
@@ -211,18 +213,7 @@ def _decode_kernel(k_desc, v_desc, Q, OUT, LSE, O_PART, LSE_PART, SEQLENS_K, LEF
     n_tiles = gl.cdiv(hi - lo, BN)
     n_full = (gl.minimum(hi, mask_from) - lo) // BN  # blocks that need no mask (may be negative: none)
 
-    k_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [NSTAGES, 1, BN, 1, HEAD_D], v_desc.layout)
-    k_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    v_full = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(k_full.index(i), count=1)
-        mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
-    fence_async_shared()
+    k_smem, v_smem, k_full, v_full, k_empty, v_empty = _kv_ring(k_desc, v_desc, NSTAGES, BN, HEAD_D)
     sw2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     q_smem = gl.allocate_shared_memory(dtype, [NQ, HEAD_D], sw2)
     p_smem = gl.allocate_shared_memory(dtype, [NQ, BN], sw2)
@@ -231,15 +222,15 @@ def _decode_kernel(k_desc, v_desc, Q, OUT, LSE, O_PART, LSE_PART, SEQLENS_K, LEF
                          v_empty, b, kvh, bh, split, n_bh, group, seqlen_q, L, lo, n_tiles, n_full, qk_scale,
                          rows_pad, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb,
                          stride_lh, stride_lt, HEAD_D, NQ, BN, NSTAGES, CAUSAL, SPLIT)),
-        (_dec_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, cb, kvh, leftpad + lo,
-                         n_tiles, BN, HEAD_D, NSTAGES)),
+        (_producer, (k_desc, v_desc, k_smem, v_smem, k_full, v_full, k_empty, v_empty, cb, kvh, leftpad + lo, n_tiles,
+                     BN, HEAD_D, NSTAGES)),
     ], [1], [PRODUCER_REGS])
 
 
 def config() -> dict:
     """Key block, ring depth and the split heuristic's programs per SM / fewest keys per split;
     ``HF_FLASH_GLUON_DECODE_CONFIG="BLOCK_N,STAGES,PROGRAMS_PER_SM,MIN_KEYS"`` overrides (tuning sweeps)."""
-    env = os.environ.get("HF_FLASH_GLUON_DECODE_CONFIG")
+    env = _launch.env_get("HF_FLASH_GLUON_DECODE_CONFIG")
     if env:
         bn, st, pps, mk = (int(x) for x in env.split(","))
         return dict(BLOCK_N=bn, stages=st, programs_per_sm=pps, min_keys=mk)
