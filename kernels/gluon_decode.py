@@ -11,7 +11,7 @@ columns in between. Measured on the H100 (32/8 heads, batch 1, bf16; benchmarks/
 rows padded to 64 as the MMA's tall side (S = Q K^T: 8x the tensor work, 5.6 us at 4k), two consumer warpgroups,
 3 to 6 slots (2 is best), the combine as a programmatic dependent launch, merging the splits in the last program
 (atomic tickets), and merging them in a thread-block cluster per (sequence, KV head) at ``barrier.cluster``: on the
-H100 this kernel streams the cache 25-30% slower when launched in clusters of 4 or more, unchanged otherwise
+H100 this kernel streams the cache 20-30% slower when launched in clusters of 4 or more, unchanged otherwise
 (benchmarks/probe_cluster_launch.py).
 
 Each program owns one (sequence, KV head) and one chunk of its keys, as the Triton kernel does, and writes the
