@@ -163,7 +163,7 @@ def _decode_kernel(k_desc, v_desc, Q, OUT, LSE, O_PART, LSE_PART, SEQLENS_K, LEF
                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                    nheads_k, group, seqlen_q, capacity, batch_cache, chunk, rows_pad, qk_scale,
                    HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_BATCH_IDX: gl.constexpr,
-                   CAUSAL: gl.constexpr, SPLIT: gl.constexpr, HEAD_D: gl.constexpr, BM: gl.constexpr,
+                   CAUSAL: gl.constexpr, SPLIT: gl.constexpr, HEAD_D: gl.constexpr,
                    BN: gl.constexpr, NSTAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, NQ: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     bh = gl.program_id(0)
@@ -189,30 +189,9 @@ def _decode_kernel(k_desc, v_desc, Q, OUT, LSE, O_PART, LSE_PART, SEQLENS_K, LEF
         mask_from = L - seqlen_q + 1  # keys from here on are hidden from some query token
     else:
         mask_from = L
-    if hi <= lo:
-        # no key in this chunk: an empty partial (lse -inf), or with one split a row that sees no key at all:
-        # output 0, lse +inf (flash-attn's convention)
-        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
-                                            order=[1, 0])
-        r = gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
-        d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, ld))
-        rows = group * seqlen_q
-        if SPLIT:
-            prow = (split * n_bh + bh).to(gl.int64) * rows_pad
-            gl.store(LSE_PART + prow + r, gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, ld)),
-                     mask=r < rows)
-            gl.store(O_PART + gl.expand_dims((prow + r) * HEAD_D, 1) + gl.expand_dims(d, 0),
-                     gl.zeros([BM, HEAD_D], gl.float32, layout=ld), mask=gl.expand_dims(r < rows, 1))
-        else:
-            o_rows = (b.to(gl.int64) * stride_ob + (r // group).to(gl.int64) * stride_ot
-                      + (kvh * group + r % group).to(gl.int64) * stride_oh)
-            gl.store(OUT + gl.expand_dims(o_rows, 1) + gl.expand_dims(d, 0),
-                     gl.zeros([BM, HEAD_D], dtype, layout=ld), mask=gl.expand_dims(r < rows, 1))
-            gl.store(LSE + b.to(gl.int64) * stride_lb + (kvh * group + r % group).to(gl.int64) * stride_lh
-                     + (r // group).to(gl.int64) * stride_lt,
-                     gl.full([BM], float("inf"), gl.float32, layout=gl.SliceLayout(1, ld)), mask=r < rows)
-        return
-    n_tiles = gl.cdiv(hi - lo, BN)
+    # a chunk without keys runs no block: the consumer then writes an empty partial (lse -inf), or with one split
+    # a row that sees no key at all gets output 0 and lse +inf (flash-attn's convention)
+    n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BN)
     n_full = (gl.minimum(hi, mask_from) - lo) // BN  # blocks that need no mask (may be negative: none)
 
     k_smem, v_smem, k_full, v_full, k_empty, v_empty = _kv_ring(k_desc, v_desc, NSTAGES, BN, HEAD_D)
@@ -280,7 +259,7 @@ def split_forward(q, k, v, out, *, lse, o_part, lse_part, softmax_scale: float, 
         nheads_k=nheads_k, group=nheads // nheads_k, seqlen_q=seqlen_q, capacity=capacity, batch_cache=k.shape[0],
         chunk=chunk, rows_pad=rows_pad, qk_scale=softmax_scale * 1.4426950408889634,
         HAS_SEQLENS=seqlens_k is not None, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
-        CAUSAL=bool(causal), SPLIT=num_splits > 1, HEAD_D=HEAD_DIM, BM=BLOCK_M, BN=block_n, NSTAGES=stages,
+        CAUSAL=bool(causal), SPLIT=num_splits > 1, HEAD_D=HEAD_DIM, BN=block_n, NSTAGES=stages,
         PRODUCER_REGS=REGS, NQ=max(8, next_pow2(seqlen_q * (nheads // nheads_k))))
     # through hf_flash's direct launcher: a decode step calls this once per layer, and the JIT's own launch path
     # cost ~60-100 us of host time per call more (measured on the H100 box)

@@ -116,7 +116,7 @@ def compile_gluon(causal: bool):
                                     "capacity", "batch_cache", "chunk", "rows_pad")})
     dsig["qk_scale"] = "fp32"
     dconsts = dict(HAS_SEQLENS=causal, HAS_LEFTPAD=causal, HAS_BATCH_IDX=causal, CAUSAL=causal, SPLIT=causal,
-                   HEAD_D=GD.HEAD_DIM, BM=GD.BLOCK_M, BN=GD.BLOCK_N, NSTAGES=GD.STAGES, PRODUCER_REGS=GD.REGS,
+                   HEAD_D=GD.HEAD_DIM, BN=GD.BLOCK_N, NSTAGES=GD.STAGES, PRODUCER_REGS=GD.REGS,
                    NQ=32 if causal else 8)
     dsig.update({n: "constexpr" for n in dconsts})
     ptx_of(GD._decode_kernel, dsig, dconsts, "split-KV decode kernel")
